@@ -376,8 +376,7 @@ class LSTM(RecurrentCell):
 
 
 CELLS: dict[str, type[RecurrentCell]] = {
-    cls.kind: cls
-    for cls in (GRU, GRUClassic, GRU1, GRU2, GRU3, MGU, MGU1, MGU2, MGU3, LSTM)
+    cls.kind: cls for cls in (GRU, GRUClassic, GRU1, GRU2, GRU3, MGU, MGU1, MGU2, MGU3, LSTM)
 }
 
 
