@@ -1,0 +1,1 @@
+"""Protocol layers: thin translations between a wire protocol and ``service.dataplane``."""

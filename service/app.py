@@ -1,0 +1,100 @@
+"""The application factory: ``create_app(settings)`` wires registry, runtimes, batchers and APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api import errors, rest, ws
+from service.api.limits import BodySizeLimit
+from service.batcher import Batcher
+from service.dataplane import DataPlane, ModelRepository, ServedModel
+from service.registry import ModelSpec, scan_models_dir
+from service.runtime import ModelRuntime
+from service.sessions import SessionManager
+from service.settings import Settings
+from service.state_pool import StatePool
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Stateful streaming predictions from recurrent models exported to ONNX.
+
+Open a session, send chunks of observations, get predictions; the recurrent state is carried
+between chunks. The same over a websocket at `/v1/stream`. Errors are `{"error": "..."}`.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; models load in the background after startup (``/health/ready`` says when)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        workers = max(2, os.cpu_count() or 2)
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rnnserve-onnx")
+        sessions = SessionManager(settings.max_sessions, settings.idle_ttl_s)
+        dataplane = DataPlane(sessions, settings.max_steps_per_chunk)
+        app.state.dataplane = dataplane
+        loader = asyncio.create_task(load_models(settings, dataplane, executor), name="load")
+        sessions.start_sweeper()
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            await sessions.stop_sweeper()
+            for model in dataplane.served_models():
+                await model.batcher.stop()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    app = FastAPI(title="rnnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    errors.install(app)
+    app.include_router(rest.health)
+    app.include_router(rest.api)
+    app.include_router(ws.router)
+    return app
+
+
+async def load_models(settings: Settings, dataplane: DataPlane, executor: Executor) -> None:
+    """Validate and load every model version off the event loop, then start their batchers."""
+    loop = asyncio.get_running_loop()
+    specs, _ = await loop.run_in_executor(executor, scan_models_dir, settings.models_dir)
+    models = []
+    for spec in specs:
+        try:
+            runtime = await loop.run_in_executor(executor, _runtime, spec, settings)
+        except Exception as exc:  # ONNX Runtime raises several types for a graph it cannot load
+            logger.error("skipping model %s: ONNX Runtime cannot load it: %s", spec.onnx_path, exc)
+            continue
+        models.append(_serve(runtime, settings, executor))
+    for model in models:
+        model.batcher.start()
+        logger.info("serving %s/%s on %s", model.name, model.version, model.provider)
+    dataplane.set_repository(ModelRepository(models))
+    if not models:
+        logger.error("no model loaded from %s; the service stays unready", settings.models_dir)
+
+
+def _runtime(spec: ModelSpec, settings: Settings) -> ModelRuntime:
+    return ModelRuntime(spec, settings.providers, settings.intra_op_threads)
+
+
+def _serve(runtime: ModelRuntime, settings: Settings, executor: Executor) -> ServedModel:
+    meta = runtime.metadata
+    pool = StatePool(meta.num_states, meta.num_layers, meta.hidden_size, settings.max_sessions)
+    batcher = Batcher(
+        runtime,
+        pool,
+        executor,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_batch_delay_s,
+        max_queue_depth=settings.max_queue_depth,
+    )
+    return ServedModel(metadata=meta, batcher=batcher)

@@ -1,0 +1,236 @@
+"""Dynamic batching across sessions: one ONNX Runtime call runs chunks of many sessions at once.
+
+Chunks wait on a queue, each with its own future. A batch closes when it holds ``max_batch_size``
+chunks or ``max_delay_s`` after its first chunk (0: whatever is queued when the previous batch
+ends). A batch holds at most one chunk per state slot, so a session's chunks run in order. Chunks of
+different lengths are padded to the longest and run with ``lengths``. The states of a batch are
+gathered from the pool before the call and scattered back only if the call succeeded. A failed call
+is retried in halves, so exactly the failing chunk fails (with a clear error) and every failed
+chunk's state stays as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import InferenceFailed, QueueFull, ServiceError, Unavailable
+from service.runtime import FloatArray, ModelRuntime, RunOutput
+from service.state_pool import StatePool
+from service.stats import BatcherStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One chunk's outputs ``y`` (T, o) and its state after the last step ``state`` (S, L, m)."""
+
+    y: FloatArray
+    state: FloatArray
+
+
+@dataclass(eq=False)
+class Chunk:
+    """A queued request: ``x`` (T, n) run from a pool slot, or from ``initial_state`` if no slot."""
+
+    x: FloatArray
+    slot: int | None
+    initial_state: FloatArray | None
+    future: asyncio.Future[ChunkResult]
+    on_success: Callable[[], None] | None
+    enqueued_at: float = field(default=0.0)
+
+
+class Batcher:
+    """The batching loop of one model version; start it inside the running event loop."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        pool: StatePool,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_depth: int,
+    ) -> None:
+        self.runtime = runtime
+        self.pool = pool
+        self.stats = BatcherStats()
+        self._executor = executor
+        self._max_batch_size = max_batch_size
+        self._max_delay_s = max_delay_s
+        self._max_queue_depth = max_queue_depth
+        self._carry: list[Chunk] = []  # chunks pulled but left for the next batch, in order
+        self._running: list[Chunk] = []
+        self._queue: asyncio.Queue[Chunk] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return (self._queue.qsize() if self._queue else 0) + len(self._carry)
+
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._wakeup = asyncio.Event()
+        meta = self.runtime.metadata
+        self._task = asyncio.create_task(self._serve(), name=f"batcher {meta.name}/{meta.version}")
+
+    async def stop(self) -> None:
+        """Stop the loop and fail every chunk still waiting or running."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        error = Unavailable("service is shutting down")
+        waiting = [*self._running, *self._carry]
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for chunk in waiting:
+            if not chunk.future.done():
+                chunk.future.set_exception(error)
+
+    def submit(
+        self,
+        x: FloatArray,
+        *,
+        slot: int | None = None,
+        initial_state: FloatArray | None = None,
+        on_success: Callable[[], None] | None = None,
+    ) -> asyncio.Future[ChunkResult]:
+        """Queue ``x`` (T, n); raise ``QueueFull`` at once if ``max_queue_depth`` chunks wait.
+
+        ``on_success`` runs on the event loop right after the chunk's state is stored.
+        """
+        if self._queue is None or self._wakeup is None:
+            raise Unavailable("batcher is not running")
+        meta = self.runtime.metadata
+        if self.queue_depth >= self._max_queue_depth:
+            raise QueueFull(meta.name, meta.version, self.queue_depth)
+        loop = asyncio.get_running_loop()
+        chunk = Chunk(x, slot, initial_state, loop.create_future(), on_success, loop.time())
+        self._queue.put_nowait(chunk)
+        self._wakeup.set()
+        return chunk.future
+
+    async def _serve(self) -> None:
+        while True:
+            batch = await self._collect()
+            if batch:
+                self._running = batch
+                await self._run(batch)
+                self._running = []
+
+    async def _collect(self) -> list[Chunk]:
+        assert self._queue is not None
+        candidates, self._carry = self._carry, []
+        if not candidates:
+            candidates.append(await self._queue.get())
+        if self._max_delay_s > 0:
+            await self._wait_to_fill(len(candidates))
+        batch: list[Chunk] = []
+        slots: set[int] = set()
+        for chunk in candidates:
+            self._take(chunk, batch, slots)
+        while len(batch) < self._max_batch_size and not self._queue.empty():
+            self._take(self._queue.get_nowait(), batch, slots)
+        return batch
+
+    def _take(self, chunk: Chunk, batch: list[Chunk], slots: set[int]) -> None:
+        if chunk.future.done():
+            return  # its caller gave up before it ran
+        if len(batch) >= self._max_batch_size or chunk.slot in slots:
+            self._carry.append(chunk)  # one chunk per session and batch: this one goes next
+            return
+        if chunk.slot is not None:
+            slots.add(chunk.slot)
+        batch.append(chunk)
+
+    async def _wait_to_fill(self, have: int) -> None:
+        assert self._queue is not None and self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_delay_s
+        while have + self._queue.qsize() < self._max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return
+
+    async def _run(self, batch: list[Chunk]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for chunk in batch:
+            self.stats.queue_delay.add(started - chunk.enqueued_at)
+        await self._execute(batch)
+
+    async def _execute(self, batch: list[Chunk]) -> None:
+        """Run a batch; if it fails, run its halves apart so only the failing chunk fails."""
+        loop = asyncio.get_running_loop()
+        x, lengths, states, rows, slots = self._assemble(batch)
+        try:
+            out = await loop.run_in_executor(self._executor, self.runtime.run, x, lengths, states)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            middle = len(batch) // 2
+            await self._execute(batch[:middle])
+            await self._execute(batch[middle:])
+            return
+        if slots.size:
+            self.pool.scatter(slots, out.states[:, :, rows])
+        self._resolve(batch, out, loop.time())
+
+    def _assemble(
+        self, batch: list[Chunk]
+    ) -> tuple[FloatArray, np.ndarray, FloatArray, np.ndarray, np.ndarray]:
+        """Pad the chunks into x (B, T, n) and gather their states (S, L, B, m)."""
+        meta = self.runtime.metadata
+        lengths = np.array([len(c.x) for c in batch], dtype=np.int64)  # (B,)
+        x = np.zeros((len(batch), int(lengths.max()), meta.input_size), np.float32)  # (B, T, n)
+        shape = (meta.num_states, meta.num_layers, len(batch), meta.hidden_size)
+        states = np.zeros(shape, np.float32)  # (S, L, B, m)
+        for i, chunk in enumerate(batch):
+            x[i, : len(chunk.x)] = chunk.x
+            if chunk.initial_state is not None:
+                states[:, :, i] = chunk.initial_state
+        rows = np.array([i for i, c in enumerate(batch) if c.slot is not None], dtype=np.intp)
+        slots = np.array([c.slot for c in batch if c.slot is not None], dtype=np.intp)
+        if slots.size:
+            states[:, :, rows] = self.pool.gather(slots)
+        return x, lengths, states, rows, slots
+
+    def _resolve(self, batch: list[Chunk], out: RunOutput, now: float) -> None:
+        self.stats.record_batch(len(batch), failed=False)
+        for i, chunk in enumerate(batch):
+            if chunk.on_success is not None:
+                chunk.on_success()
+            self.stats.step_latency.add(now - chunk.enqueued_at)
+            if not chunk.future.done():
+                result = ChunkResult(
+                    y=np.ascontiguousarray(out.y[i, : len(chunk.x)]),  # (T, o)
+                    state=np.ascontiguousarray(out.states[:, :, i]),  # (S, L, m)
+                )
+                chunk.future.set_result(result)
+
+    def _fail(self, batch: list[Chunk], exc: Exception) -> None:
+        meta = self.runtime.metadata
+        self.stats.record_batch(len(batch), failed=True)
+        logger.error("chunk failed on %s/%s: %s", meta.name, meta.version, exc)
+        error = exc
+        if not isinstance(exc, ServiceError):
+            error = InferenceFailed(meta.name, meta.version, str(exc))
+        for chunk in batch:
+            if not chunk.future.done():
+                chunk.future.set_exception(error)

@@ -1,0 +1,345 @@
+"""The protocol-agnostic data plane: everything the REST, websocket and V2 layers call.
+
+Protocol layers translate requests into these calls and results back; they hold no logic. Inputs
+arrive as decoded JSON values (nested lists) or numpy arrays; results are numpy arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.batcher import Batcher, ChunkResult
+from service.errors import (
+    BadRequest,
+    ChunkTooLarge,
+    InvalidInput,
+    ModelNotFound,
+    NotReady,
+    SessionTakenOver,
+    VersionNotFound,
+)
+from service.metadata import ModelMetadata
+from service.runtime import FloatArray
+from service.sessions import LIVE, Session, SessionManager, SessionState
+from service.state_pool import StatePool
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """A loaded model version: metadata, runtime, state pool and batcher."""
+
+    metadata: ModelMetadata
+    batcher: Batcher
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def version(self) -> int:
+        return self.metadata.version
+
+    @property
+    def pool(self) -> StatePool:
+        return self.batcher.pool
+
+    @property
+    def provider(self) -> str:
+        return self.batcher.runtime.provider
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata plus the execution providers actually in use."""
+        return {
+            **self.metadata.public_dict(),
+            "provider": self.provider,
+            "providers": self.batcher.runtime.providers,
+        }
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    version: int
+    state: SessionState
+    step_count: int
+    created_at: float
+    idle_s: float
+
+    @classmethod
+    def of(cls, session: Session, now: float) -> SessionInfo:
+        return cls(
+            session_id=session.id,
+            model=session.model.name,
+            version=session.model.version,
+            state=session.state,
+            step_count=session.step_count,
+            created_at=session.created_at,
+            idle_s=max(0.0, now - session.last_used),
+        )
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    outputs: FloatArray  # (T, o)
+    step_count: int
+
+
+@dataclass(frozen=True)
+class SequenceOutput:
+    outputs: FloatArray  # (T, o)
+    state: FloatArray  # (S, L, m): the state after the last step
+
+
+class ModelRepository:
+    """Served models by name and version."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self._models: dict[str, dict[int, ServedModel]] = {}
+        for model in models:
+            self._models.setdefault(model.name, {})[model.version] = model
+
+    def __iter__(self) -> Any:
+        for name in sorted(self._models):
+            yield from (self._models[name][v] for v in sorted(self._models[name]))
+
+    def versions(self, name: str) -> list[ServedModel]:
+        if name not in self._models:
+            raise ModelNotFound(name, self._models)
+        return [self._models[name][v] for v in sorted(self._models[name])]
+
+    def get(self, name: str, version: int | None = None) -> ServedModel:
+        """The model version, or the highest version when ``version`` is None."""
+        versions = self._models.get(name)
+        if versions is None:
+            raise ModelNotFound(name, self._models)
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise VersionNotFound(name, version, versions)
+        return versions[version]
+
+
+class DataPlane:
+    """Models, predictions and sessions, independent of any protocol.
+
+    Caller identity is the ``owner`` argument (the API key, or None without authentication).
+    """
+
+    def __init__(self, sessions: SessionManager, max_steps_per_chunk: int) -> None:
+        self.sessions = sessions
+        self.max_steps_per_chunk = max_steps_per_chunk
+        self._repository: ModelRepository | None = None
+
+    # -- models -----------------------------------------------------------------------------
+    def set_repository(self, repository: ModelRepository) -> None:
+        self._repository = repository
+
+    def served_models(self) -> list[ServedModel]:
+        return list(self._repository or [])
+
+    @property
+    def ready(self) -> bool:
+        return self._repository is not None and any(True for _ in self._repository)
+
+    @property
+    def repository(self) -> ModelRepository:
+        if self._repository is None or not self.ready:
+            raise NotReady()
+        return self._repository
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [model.describe() for model in self.repository]
+
+    def model_versions(self, name: str) -> list[dict[str, Any]]:
+        return [model.describe() for model in self.repository.versions(name)]
+
+    def model(self, name: str, version: int | None = None) -> ServedModel:
+        return self.repository.get(name, version)
+
+    # -- stateless prediction ---------------------------------------------------------------
+    async def predict(
+        self,
+        name: str,
+        sequences: list[Any],
+        *,
+        version: int | None = None,
+        initial_states: list[FloatArray] | None = None,
+    ) -> tuple[ServedModel, list[SequenceOutput]]:
+        """Run whole sequences (each (T, n), ragged allowed) from zero or given states (S, L, m)."""
+        model = self.model(name, version)
+        if not isinstance(sequences, list) or not sequences:
+            raise InvalidInput("'inputs' must be a non-empty list of sequences")
+        if initial_states is not None and len(initial_states) != len(sequences):
+            raise InvalidInput(
+                f"{len(initial_states)} initial states for {len(sequences)} sequences"
+            )
+        arrays = [
+            self.parse_chunk(model, seq, f"inputs[{i}]", allow_flat=False)
+            for i, seq in enumerate(sequences)
+        ]
+        starts: list[FloatArray | None] = [None] * len(arrays)
+        if initial_states is not None:
+            starts = list(initial_states)
+        futures = [
+            model.batcher.submit(x, initial_state=s) for x, s in zip(arrays, starts, strict=True)
+        ]
+        results: list[ChunkResult] = await asyncio.gather(*futures)
+        return model, [SequenceOutput(r.y, r.state) for r in results]
+
+    def parse_state(self, model: ServedModel, raw: Any, where: str) -> FloatArray:
+        """Read one initial state: ``{state_input_name: [[...] per layer]}``, each (L, m)."""
+        meta = model.metadata
+        if not isinstance(raw, dict) or set(raw) != set(meta.state_inputs):
+            raise InvalidInput(f"{where} must be an object with keys {meta.state_inputs}")
+        layers = [
+            _finite_matrix(raw[name], f"{where}.{name}", meta.num_layers, meta.hidden_size)
+            for name in meta.state_inputs
+        ]
+        return np.stack(layers)  # (S, L, m)
+
+    # -- sessions ---------------------------------------------------------------------------
+    def create_session(self, name: str, version: int | None, owner: str | None) -> SessionInfo:
+        model = self.model(name, version)
+        return self._info(self.sessions.create(model, owner))
+
+    def session_info(self, session_id: str, owner: str | None) -> SessionInfo:
+        return self._info(self.sessions.get(session_id, owner))
+
+    async def step(
+        self, session_id: str, inputs: Any, owner: str | None, attachment: int | None = None
+    ) -> StepOutput:
+        """Run one chunk (T, n) on a session; steps of one session run one at a time, in order.
+
+        With ``attachment`` (a websocket), the step fails with 409 if another connection took over.
+        A rejected or failed step leaves the state and ``step_count`` exactly as they were.
+        """
+        session = self.sessions.get(session_id, owner)
+        x = self.parse_chunk(session.model, inputs, "inputs", allow_flat=True)
+        async with session.lock:
+            self._check_live(session, attachment)
+
+            def stored() -> None:
+                session.step_count += len(x)
+                self.sessions.mark_used(session)
+
+            future = session.model.batcher.submit(x, slot=session.slot, on_success=stored)
+            result = await _finish_even_if_cancelled(future)
+            return StepOutput(outputs=result.y, step_count=session.step_count)
+
+    async def reset(self, session_id: str, owner: str | None) -> SessionInfo:
+        """Zero the session's state and step count."""
+        session = self.sessions.get(session_id, owner)
+        async with session.lock:
+            session.require(*LIVE)
+            session.model.pool.reset(session.slot)
+            session.step_count = 0
+            self.sessions.mark_used(session)
+            return self._info(session)
+
+    async def delete(self, session_id: str, owner: str | None) -> None:
+        session = self.sessions.get(session_id, owner)
+        async with session.lock:
+            self.sessions.close(session)
+
+    def attach(self, session_id: str, owner: str | None) -> tuple[SessionInfo, int]:
+        """Attach a streaming connection; returns the attachment id to pass to ``step``."""
+        session = self.sessions.get(session_id, owner)
+        attachment = self.sessions.attach(session)
+        return self._info(session), attachment
+
+    def detach(self, session_id: str, attachment: int) -> None:
+        """Mark the session idle again (it lives on for resume until its TTL)."""
+        session = self.sessions.get_any(session_id)
+        if session is not None:
+            self.sessions.detach(session, attachment)
+
+    def _check_live(self, session: Session, attachment: int | None) -> None:
+        if session.state is SessionState.STREAMING and attachment not in (None, session.attachment):
+            raise SessionTakenOver(session.id)
+        session.require(*LIVE)
+
+    @staticmethod
+    def _info(session: Session) -> SessionInfo:
+        return SessionInfo.of(session, time.monotonic())
+
+    # -- validation -------------------------------------------------------------------------
+    def parse_chunk(self, model: ServedModel, raw: Any, where: str, allow_flat: bool) -> FloatArray:
+        """Turn decoded JSON into a chunk (T, n) of finite float32, or raise naming the problem.
+
+        A flat list of numbers is one step when ``allow_flat``.
+        """
+        n = model.metadata.input_size
+        if not isinstance(raw, list):
+            raise InvalidInput(f"'{where}' must be a list of steps, each a list of {n} numbers")
+        if not raw:
+            raise InvalidInput(f"'{where}' is empty: send at least one step")
+        if allow_flat and not any(isinstance(v, list) for v in raw):
+            raw = [raw]
+        if len(raw) > self.max_steps_per_chunk:
+            raise ChunkTooLarge(f"'{where}'", len(raw), self.max_steps_per_chunk)
+        return _finite_matrix(raw, where, len(raw), n, row_name="step")
+
+    # -- observability ----------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        models = []
+        for model in self.served_models():
+            models.append(
+                {
+                    "model": model.name,
+                    "version": model.version,
+                    "provider": model.provider,
+                    "queue_depth": model.batcher.queue_depth,
+                    "sessions": model.pool.in_use,
+                    "pool_capacity": model.pool.capacity,
+                    "pool_bytes": model.pool.nbytes,
+                    **model.batcher.stats.summary(),
+                }
+            )
+        return {"sessions": len(self.sessions), "models": models}
+
+
+async def _finish_even_if_cancelled(future: asyncio.Future[ChunkResult]) -> ChunkResult:
+    """Await a chunk; if our caller is cancelled, still wait for the chunk before giving up.
+
+    The session lock is held meanwhile, so no other step, reset or delete can touch the slot
+    while the chunk is queued or running.
+    """
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+def _finite_matrix(raw: Any, where: str, rows: int, cols: int, row_name: str = "row") -> FloatArray:
+    """Check ``raw`` is ``rows`` lists of ``cols`` finite numbers; return it as float32."""
+    if not isinstance(raw, list) or len(raw) != rows:
+        raise InvalidInput(f"'{where}' must be a list of {rows} {row_name}s")
+    for t, row in enumerate(raw):
+        if not isinstance(row, list):
+            raise InvalidInput(f"'{where}[{t}]' must be a list of {cols} numbers, got {row!r:.40}")
+        if len(row) != cols:
+            raise InvalidInput(
+                f"'{where}[{t}]' has {len(row)} values; the model expects {cols} per {row_name}"
+            )
+        for j, value in enumerate(row):
+            if type(value) not in (int, float):
+                raise BadRequest(f"'{where}[{t}][{j}]' is not a number: {value!r:.40}")
+    matrix = np.asarray(raw, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        as_float32 = matrix.astype(np.float32)
+    bad = np.argwhere(~np.isfinite(as_float32))
+    if bad.size:
+        t, j = bad[0]
+        raise BadRequest(
+            f"'{where}[{t}][{j}]' is {float(matrix[t, j])!r}: NaN, infinity and values beyond "
+            "float32 are not accepted"
+        )
+    return as_float32
