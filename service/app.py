@@ -20,6 +20,8 @@ from service.runtime import ModelRuntime
 from service.sessions import SessionManager
 from service.settings import Settings
 from service.state_pool import StatePool
+from service.v2 import routes as v2_routes
+from service.v2.sequences import SequenceTable
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(rest.health)
     app.include_router(rest.api)
     app.include_router(ws.router)
+    app.state.v2_sequences = SequenceTable()
+    app.include_router(v2_routes.health)
+    app.include_router(v2_routes.v2)
     return app
 
 

@@ -89,6 +89,7 @@ class SessionInfo:
 class StepOutput:
     outputs: FloatArray  # (T, o)
     step_count: int
+    state: FloatArray  # (S, L, m): the session's state after the chunk
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ class DataPlane:
 
             future = session.model.batcher.submit(x, slot=session.slot, on_success=stored)
             result = await _finish_even_if_cancelled(future)
-            return StepOutput(outputs=result.y, step_count=session.step_count)
+            return StepOutput(outputs=result.y, step_count=session.step_count, state=result.state)
 
     async def reset(self, session_id: str, owner: str | None) -> SessionInfo:
         """Zero the session's state and step count."""
