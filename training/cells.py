@@ -1,18 +1,19 @@
-"""Recurrent cells: the fully gated GRU (two forms), its gate variants, the MGU family and the LSTM.
+"""Recurrent cells: the fully gated GRU (two forms), its gate variants, the MGU family, the LSTM.
 
-Every cell follows one interface so that :class:`training.model.RecurrentModel` can stack any of them
-and :mod:`training.onnx_graph` can export any of them:
+Every cell follows one interface so that :class:`training.model.RecurrentModel` can stack any of
+them and :mod:`training.onnx_graph` can export any of them:
 
-- ``project_input(x)`` computes, for all time steps at once, the part of each step that depends on the
-  input alone (the input projection and the biases that sit beside it). Training and the exported
-  graph both hoist it out of the time loop into one matrix product.
+- ``project_input(x)`` computes, for all time steps at once, the part of each step that depends
+  on the input alone (the input projection and the biases that sit beside it). Training and the
+  exported graph both hoist it out of the time loop into one matrix product.
 - ``recur(xp, state)`` advances the state by one step from that projection.
 - ``forward(input, hx=None)`` is one step from a raw input, the way ``torch.nn.GRUCell`` works.
 
-Conventions. ``n`` is the input size and ``m`` the hidden size. Gate blocks are stacked in one matrix
-in the order given by each class (``weight_ih`` is ``(k * m, n)``, ``weight_hh`` is ``(j * m, m)``).
-The GRU family lets the update gate keep the old state, ``h' = (1 - z) * n + z * h``, as PyTorch and
-ONNX do (the paper writes ``(1 - z) * h + z * n``: the same family with ``z`` relabelled ``1 - z``).
+Conventions. ``n`` is the input size and ``m`` the hidden size. Gate blocks are stacked in one
+matrix in the order given by each class (``weight_ih`` is ``(k * m, n)``, ``weight_hh`` is
+``(j * m, m)``). The GRU family lets the update gate keep the old state,
+``h' = (1 - z) * n + z * h``, as PyTorch and ONNX do (the paper writes ``(1 - z) * h + z * n``:
+the same family with ``z`` relabelled ``1 - z``).
 The MGU family keeps the papers' form ``h' = (1 - f) * h + f * n``.
 """
 
@@ -33,7 +34,7 @@ class RecurrentCell(nn.Module):
     kind: ClassVar[str]
     #: number of state tensors (1 for the GRU and MGU families, 2 for the LSTM: h and c)
     num_states: ClassVar[int] = 1
-    #: how many m-sized blocks the input projection has, the hidden projection has, and biases
+    #: how many m-sized blocks the input projection, the hidden projection and the biases have
     input_blocks: ClassVar[int]
     hidden_blocks: ClassVar[int]
     bias_blocks: ClassVar[int]
@@ -85,7 +86,7 @@ class RecurrentCell(nn.Module):
         raise NotImplementedError
 
     def forward(self, input: Tensor, hx: Tensor | State | None = None) -> Tensor | State:
-        """One step. ``input`` is ``(B, n)``; ``hx`` is ``(B, m)`` (LSTM: a pair), None for zeros."""
+        """One step: ``input`` (B, n), ``hx`` (B, m) (LSTM: a pair) or None for zeros."""
         if input.dim() != 2 or input.shape[1] != self.input_size:
             raise ValueError(
                 f"{type(self).__name__}: input must be (batch, {self.input_size}), "
@@ -103,7 +104,7 @@ class RecurrentCell(nn.Module):
 
 
 def _split(t: Tensor, m: int) -> tuple[Tensor, ...]:
-    return tuple(t.split(m, dim=-1))
+    return tuple(torch.split(t, m, dim=-1))
 
 
 class GRU(RecurrentCell):
@@ -355,8 +356,10 @@ class LSTM(RecurrentCell):
     r"""Long short-term memory, as PyTorch ``nn.LSTM``. Gate order (i, f, g, o), two biases.
 
     .. math::
-        i &= \sigma(W_i x + b_{ii} + U_i h + b_{hi}),\quad f = \sigma(W_f x + b_{if} + U_f h + b_{hf}) \\
-        g &= \tanh(W_g x + b_{ig} + U_g h + b_{hg}),\quad o = \sigma(W_o x + b_{io} + U_o h + b_{ho}) \\
+        i &= \sigma(W_i x + b_{ii} + U_i h + b_{hi}) \\
+        f &= \sigma(W_f x + b_{if} + U_f h + b_{hf}) \\
+        g &= \tanh(W_g x + b_{ig} + U_g h + b_{hg}) \\
+        o &= \sigma(W_o x + b_{io} + U_o h + b_{ho}) \\
         c' &= f \odot c + i \odot g,\quad h' = o \odot \tanh(c')
 
     Parameters: ``4 (n m + m^2 + 2 m)``. State: (h, c).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
     torch.save(checkpoint.to_dict(), path)
 
 
+def _first_line(exc: Exception) -> str:
+    """torch's load errors run to many lines of advice; a CLI error must stay on one line."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a file written by torch.save, or one holding more than tensors and plain data"
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint, turning every way it can be broken into one clear ``CheckpointError``."""
     if not path.is_file():
@@ -53,7 +61,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"checkpoint {path} is not a readable checkpoint: {exc}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable checkpoint: {_first_line(exc)}"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} checkpoint")
     try:

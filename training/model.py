@@ -1,4 +1,4 @@
-"""A stack of recurrent cells with a linear head, and the config that rebuilds it from a checkpoint."""
+"""A stack of recurrent cells with a linear head, and the config that rebuilds it."""
 
 from __future__ import annotations
 
@@ -75,6 +75,11 @@ class RecurrentModel(nn.Module):
     Outputs: y ``(B, T, o)`` (zero past each row's length) and the state at each row's length.
     """
 
+    input_mean: Tensor  # (n,) buffers: normalisation fitted on the training split
+    input_std: Tensor
+    output_mean: Tensor  # (o,)
+    output_std: Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -87,6 +92,10 @@ class RecurrentModel(nn.Module):
         self.register_buffer("input_std", _stats(c.input_std, c.input_size, 1.0))
         self.register_buffer("output_mean", _stats(c.output_mean, c.output_size, 0.0))
         self.register_buffer("output_std", _stats(c.output_std, c.output_size, 1.0))
+
+    def layers(self) -> list[RecurrentCell]:
+        """The recurrent cells, first layer first."""
+        return [cell for cell in self.cells if isinstance(cell, RecurrentCell)]
 
     def initial_state(self, batch: int, device: torch.device | None = None) -> State:
         c = self.config
@@ -106,13 +115,13 @@ class RecurrentModel(nn.Module):
         self, x: Tensor, lengths: Tensor | None = None, state: State | None = None
     ) -> tuple[Tensor, State]:
         """Like ``forward`` but returns the head's output before de-normalisation (for losses)."""
-        batch, steps, _ = x.shape
+        batch = x.shape[0]
         if state is None:
             state = self.initial_state(batch, x.device)
         mask = self._mask(x, lengths)  # (B, T, 1)
         seq = (x - self.input_mean) / self.input_std  # (B, T, n)
         finals: list[list[Tensor]] = [[] for _ in range(self.config.num_states)]
-        for layer, cell in enumerate(self.cells):
+        for layer, cell in enumerate(self.layers()):
             if layer > 0:
                 seq = self.dropout(seq)
             seq, layer_state = self._run_layer(cell, seq, mask, tuple(s[layer] for s in state))

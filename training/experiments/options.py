@@ -1,0 +1,47 @@
+"""The options every study takes, and how a study runs its independent trainings."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True)
+class StudyOptions:
+    """How to run a study; each study picks its sizes from ``tiny``."""
+
+    seeds: int = 3  # independent runs per cell (seeds 0..seeds-1); tables show mean ± std
+    out: Path = Path("reports")  # folder for <study>.md and its PNG figures
+    tiny: bool = False  # a seconds-long configuration for tests, not for conclusions
+    # Training runs at once, one process and one thread each (the efficiency study always times
+    # one thing at a time, so that runs do not slow each other down).
+    jobs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+
+    @property
+    def seed_list(self) -> range:
+        return range(self.seeds)
+
+
+def run_all(fn: Callable[..., Result], calls: Sequence[tuple[Any, ...]], jobs: int) -> list[Result]:
+    """``[fn(*args) for args in calls]``, in ``jobs`` worker processes when ``jobs > 1``.
+
+    Workers are spawned, not forked: a forked copy of a process that already ran torch can hang.
+    """
+    if jobs == 1 or len(calls) < 2:
+        return [fn(*args) for args in calls]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = [pool.submit(fn, *args) for args in calls]
+        return [future.result() for future in futures]

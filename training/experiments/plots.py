@@ -1,0 +1,89 @@
+"""Figures for the reports, drawn with matplotlib's Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot is imported: no display is needed
+from matplotlib import pyplot as plt
+from matplotlib.axes import Axes
+
+#: values of one quantity per cell: {cell: (mean, std)}
+CellValues = Mapping[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class BarPanel:
+    """One panel of grouped bars: a group per cell, a bar per series (e.g. two model sizes)."""
+
+    ylabel: str
+    series: Mapping[str, CellValues]  # {series label: {cell: (mean, std)}}
+    reference: float | None = None  # a dashed horizontal line (a baseline), if any
+    reference_label: str = ""
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class CurvePanel:
+    """One panel of curves over x, one per cell."""
+
+    title: str
+    x: Sequence[float]
+    curves: Mapping[str, Sequence[float]]  # {cell: y values aligned with x}
+    marker_x: float | None = None  # a dotted vertical line (e.g. the end of the training range)
+    marker_label: str = ""
+
+
+def bar_figure(path: Path, title: str, panels: Sequence[BarPanel]) -> Path:
+    """Write one row of grouped bar charts to ``path``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        _bars(ax, panel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _bars(ax: Axes, panel: BarPanel) -> None:
+    labels = list(panel.series)
+    cells = list(next(iter(panel.series.values())))
+    width = 0.8 / len(labels)
+    for k, label in enumerate(labels):
+        values = panel.series[label]
+        xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(cells))]
+        means = [values[c][0] for c in cells]
+        stds = [values[c][1] for c in cells]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=label)
+    if panel.reference is not None:
+        ax.axhline(panel.reference, color="black", linestyle="--", label=panel.reference_label)
+    ax.set_xticks(range(len(cells)), cells, rotation=45, ha="right")
+    ax.set_ylabel(panel.ylabel)
+    if panel.log:
+        ax.set_yscale("log")
+    if len(labels) > 1 or panel.reference is not None:
+        ax.legend(fontsize="small")
+
+
+def curve_figure(path: Path, title: str, panels: Sequence[CurvePanel], ylabel: str) -> Path:
+    """Write one row of line charts, one curve per cell, to ``path``."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for i, (cell, ys) in enumerate(panel.curves.items()):
+            style = "-" if i < 10 else "--"
+            width = 2.5 if cell == "lstm" else 1.2
+            ax.plot(panel.x, ys, style, linewidth=width, label=cell, color=f"C{i % 10}")
+        if panel.marker_x is not None:
+            ax.axvline(panel.marker_x, color="grey", linestyle=":", label=panel.marker_label)
+        ax.set(title=panel.title, xlabel="n", ylabel=ylabel, ylim=(-0.05, 1.05))
+        ax.legend(fontsize="small", ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
