@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint typecheck clean default-model bench
+.PHONY: venv serve test lint system-packages clean default-model
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy service training
+	BIN=$(BIN) deploy/check.sh
 
-test: lint
+# The session-store tests need a real redis-server; deploy/check.sh needs docker-compose (v1 can
+# validate a compose file without an engine). Both come from Debian's packages.
+system-packages:
+	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose >/dev/null)
+
+test: system-packages lint
 	$(BIN)/python -m pytest
 
 default-model: venv

@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ws_max_size=settings.max_request_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_interval_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 
 

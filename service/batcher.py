@@ -7,6 +7,11 @@ different lengths are padded to the longest and run with ``lengths``. The states
 gathered from the pool before the call and scattered back only if the call succeeded. A failed call
 is retried in halves, so exactly the failing chunk fails (with a clear error) and every failed
 chunk's state stays as it was.
+
+With a ``DevicePool`` the states of session chunks never reach the host: the pool runs gather,
+model and scatter as one call on the device (``DevicePool.step``), and a chunk's new state is
+copied to the host only if someone reads ``ChunkResult.state``. Stateless chunks (no slot) run
+through ``ModelRuntime.run`` in a call of their own.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.device_pool import DevicePool
 from service.errors import InferenceFailed, QueueFull, ServiceError, Unavailable
-from service.runtime import FloatArray, ModelRuntime, RunOutput
-from service.state_pool import StatePool
+from service.runtime import FloatArray, ModelRuntime
+from service.state_pool import SlotPool
 from service.stats import BatcherStats
 
 logger = logging.getLogger(__name__)
@@ -29,10 +35,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ChunkResult:
-    """One chunk's outputs ``y`` (T, o) and its state after the last step ``state`` (S, L, m)."""
+    """One chunk's outputs ``y`` (T, o); ``state`` (S, L, m) is its state after the last step."""
 
     y: FloatArray
-    state: FloatArray
+    batch_states: Callable[[], FloatArray] = field(repr=False)  # (S, L, B, m), copied on use
+    row: int = field(repr=False)  # this chunk's index in the batch
+
+    @property
+    def state(self) -> FloatArray:
+        return np.ascontiguousarray(self.batch_states()[:, :, self.row])  # (S, L, m)
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """A batch's ``y`` (B, T, o) and a function returning its new states (S, L, B, m)."""
+
+    y: FloatArray
+    states: Callable[[], FloatArray]
 
 
 @dataclass(eq=False)
@@ -53,7 +72,7 @@ class Batcher:
     def __init__(
         self,
         runtime: ModelRuntime,
-        pool: StatePool,
+        pool: SlotPool,
         executor: Executor,
         *,
         max_batch_size: int,
@@ -177,9 +196,12 @@ class Batcher:
     async def _execute(self, batch: list[Chunk]) -> None:
         """Run a batch; if it fails, run its halves apart so only the failing chunk fails."""
         loop = asyncio.get_running_loop()
-        x, lengths, states, rows, slots = self._assemble(batch)
+        if isinstance(self.pool, DevicePool) and _mixed(batch):
+            await self._execute([c for c in batch if c.slot is not None])
+            await self._execute([c for c in batch if c.slot is None])
+            return
         try:
-            out = await loop.run_in_executor(self._executor, self.runtime.run, x, lengths, states)
+            out = await self._call(batch)
         except Exception as exc:
             if len(batch) == 1:
                 self._fail(batch, exc)
@@ -188,9 +210,19 @@ class Batcher:
             await self._execute(batch[:middle])
             await self._execute(batch[middle:])
             return
+        self._resolve(batch, out, loop.time())
+
+    async def _call(self, batch: list[Chunk]) -> BatchOutput:
+        """One ONNX Runtime call; the new states are stored only if it succeeds."""
+        loop = asyncio.get_running_loop()
+        x, lengths, states, rows, slots = self._assemble(batch)
+        if isinstance(self.pool, DevicePool) and slots.size:
+            step = await loop.run_in_executor(self._executor, self.pool.step, x, lengths, slots)
+            return BatchOutput(step.y, step.states)  # the pool is already updated
+        out = await loop.run_in_executor(self._executor, self.runtime.run, x, lengths, states)
         if slots.size:
             self.pool.scatter(slots, out.states[:, :, rows])
-        self._resolve(batch, out, loop.time())
+        return BatchOutput(out.y, lambda: out.states)
 
     def _assemble(
         self, batch: list[Chunk]
@@ -207,21 +239,19 @@ class Batcher:
                 states[:, :, i] = chunk.initial_state
         rows = np.array([i for i, c in enumerate(batch) if c.slot is not None], dtype=np.intp)
         slots = np.array([c.slot for c in batch if c.slot is not None], dtype=np.intp)
-        if slots.size:
+        if slots.size and not isinstance(self.pool, DevicePool):
             states[:, :, rows] = self.pool.gather(slots)
         return x, lengths, states, rows, slots
 
-    def _resolve(self, batch: list[Chunk], out: RunOutput, now: float) -> None:
+    def _resolve(self, batch: list[Chunk], out: BatchOutput, now: float) -> None:
         self.stats.record_batch(len(batch), failed=False)
         for i, chunk in enumerate(batch):
             if chunk.on_success is not None:
                 chunk.on_success()
             self.stats.step_latency.add(now - chunk.enqueued_at)
             if not chunk.future.done():
-                result = ChunkResult(
-                    y=np.ascontiguousarray(out.y[i, : len(chunk.x)]),  # (T, o)
-                    state=np.ascontiguousarray(out.states[:, :, i]),  # (S, L, m)
-                )
+                y = np.ascontiguousarray(out.y[i, : len(chunk.x)])  # (T, o)
+                result = ChunkResult(y=y, batch_states=out.states, row=i)
                 chunk.future.set_result(result)
 
     def _fail(self, batch: list[Chunk], exc: Exception) -> None:
@@ -234,3 +264,9 @@ class Batcher:
         for chunk in batch:
             if not chunk.future.done():
                 chunk.future.set_exception(error)
+
+
+def _mixed(batch: list[Chunk]) -> bool:
+    """Whether a batch holds both session chunks (with a slot) and stateless ones."""
+    with_slot = sum(c.slot is not None for c in batch)
+    return 0 < with_slot < len(batch)

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,14 +20,23 @@ from service.errors import (
     ChunkTooLarge,
     InvalidInput,
     ModelNotFound,
+    NotFound,
     NotReady,
+    ServiceError,
     SessionTakenOver,
     VersionNotFound,
 )
 from service.metadata import ModelMetadata
+from service.metrics import Metrics
 from service.runtime import FloatArray
 from service.sessions import LIVE, Session, SessionManager, SessionState
-from service.state_pool import StatePool
+from service.state_pool import SlotArray, SlotPool
+from service.store import SessionModelNotServed, SessionRecord, SessionStore
+from service.store.base import owner_hash
+from service.store.errors import SessionBusy, StoredSessionNotFound, StoredSessionUnreadable
+
+T = TypeVar("T")
+EVICTED_RETRIES = 3  # a step whose session is dropped from memory while it waits reloads it
 
 
 @dataclass(eq=False)
@@ -46,7 +55,7 @@ class ServedModel:
         return self.metadata.version
 
     @property
-    def pool(self) -> StatePool:
+    def pool(self) -> SlotPool:
         return self.batcher.pool
 
     @property
@@ -131,11 +140,22 @@ class DataPlane:
     """Models, predictions and sessions, independent of any protocol.
 
     Caller identity is the ``owner`` argument (the API key, or None without authentication).
+    With a durable ``store`` (Redis), ``sessions`` is a cache of it: a session is loaded on first
+    touch, refreshed when another replica advanced it, and every change is stored before the
+    call returns.
     """
 
-    def __init__(self, sessions: SessionManager, max_steps_per_chunk: int) -> None:
+    def __init__(
+        self,
+        sessions: SessionManager,
+        max_steps_per_chunk: int,
+        store: SessionStore | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.sessions = sessions
         self.max_steps_per_chunk = max_steps_per_chunk
+        self.store = store
+        self.metrics = metrics or Metrics()
         self._repository: ModelRepository | None = None
 
     # -- models -----------------------------------------------------------------------------
@@ -174,6 +194,16 @@ class DataPlane:
         initial_states: list[FloatArray] | None = None,
     ) -> tuple[ServedModel, list[SequenceOutput]]:
         """Run whole sequences (each (T, n), ragged allowed) from zero or given states (S, L, m)."""
+        with self.metrics.track("predict"):
+            return await self._predict(name, sequences, version, initial_states)
+
+    async def _predict(
+        self,
+        name: str,
+        sequences: list[Any],
+        version: int | None,
+        initial_states: list[FloatArray] | None,
+    ) -> tuple[ServedModel, list[SequenceOutput]]:
         model = self.model(name, version)
         if not isinstance(sequences, list) or not sequences:
             raise InvalidInput("'inputs' must be a non-empty list of sequences")
@@ -206,12 +236,27 @@ class DataPlane:
         return np.stack(layers)  # (S, L, m)
 
     # -- sessions ---------------------------------------------------------------------------
-    def create_session(self, name: str, version: int | None, owner: str | None) -> SessionInfo:
-        model = self.model(name, version)
-        return self._info(self.sessions.create(model, owner))
+    async def create_session(
+        self, name: str, version: int | None, owner: str | None
+    ) -> SessionInfo:
+        """Open a session on a model version (default: the highest); with a durable store the
+        session is written there before this returns."""
+        with self.metrics.track("create_session"):
+            session = self.sessions.create(self.model(name, version), owner)
+            if self.store is not None:
+                try:
+                    await self._save(session, _zero_state(session.model))
+                except ServiceError:
+                    self.sessions.evict(session, "store")
+                    raise
+            return self._info(session)
 
-    def session_info(self, session_id: str, owner: str | None) -> SessionInfo:
-        return self._info(self.sessions.get(session_id, owner))
+    async def session_info(self, session_id: str, owner: str | None) -> SessionInfo:
+        with self.metrics.track("session_info"):
+            session = await self._session(session_id, owner)
+            async with session.lock:
+                await self._refresh(session)
+                return self._info(session)
 
     async def step(
         self, session_id: str, inputs: Any, owner: str | None, attachment: int | None = None
@@ -219,47 +264,90 @@ class DataPlane:
         """Run one chunk (T, n) on a session; steps of one session run one at a time, in order.
 
         With ``attachment`` (a websocket), the step fails with 409 if another connection took over.
-        A rejected or failed step leaves the state and ``step_count`` exactly as they were.
+        A rejected or failed step leaves the state and ``step_count`` exactly as they were. With a
+        durable store the new state is stored before this returns; if another replica advanced
+        the session meanwhile the step fails with 409 and the stored state stands.
         """
-        session = self.sessions.get(session_id, owner)
-        x = self.parse_chunk(session.model, inputs, "inputs", allow_flat=True)
-        async with session.lock:
-            self._check_live(session, attachment)
+        with self.metrics.track("step"):
+            for _ in range(EVICTED_RETRIES):
+                session = await self._session(session_id, owner)
+                x = self.parse_chunk(session.model, inputs, "inputs", allow_flat=True)
+                async with session.lock:
+                    if session.state is SessionState.EVICTED:
+                        continue  # dropped from memory while we waited: load it again
+                    self._check_live(session, attachment)
+                    task = asyncio.ensure_future(self._advance(session, x))
+                    return await _finish_even_if_cancelled(task)
+            raise SessionBusy(session_id)
 
-            def stored() -> None:
-                session.step_count += len(x)
-                self.sessions.mark_used(session)
+    async def _advance(self, session: Session, x: FloatArray) -> StepOutput:
+        """Run the chunk from the current state and store the result (the session lock is held)."""
+        started = time.perf_counter()
+        await self._refresh(session)
 
-            future = session.model.batcher.submit(x, slot=session.slot, on_success=stored)
-            result = await _finish_even_if_cancelled(future)
-            return StepOutput(outputs=result.y, step_count=session.step_count, state=result.state)
+        def stored() -> None:
+            session.step_count += len(x)
+            self.sessions.mark_used(session)
+
+        future = session.model.batcher.submit(x, slot=session.slot, on_success=stored)
+        result = await future
+        if self.store is not None:
+            try:
+                await self._save(session, result.state)
+            except ServiceError:
+                self.sessions.evict(session, "store")  # this copy is ahead of the store: drop it
+                raise
+        self.metrics.observe_step(session.model.name, session.model.version, started)
+        return StepOutput(outputs=result.y, step_count=session.step_count, state=result.state)
 
     async def reset(self, session_id: str, owner: str | None) -> SessionInfo:
         """Zero the session's state and step count."""
-        session = self.sessions.get(session_id, owner)
-        async with session.lock:
-            session.require(*LIVE)
-            session.model.pool.reset(session.slot)
-            session.step_count = 0
-            self.sessions.mark_used(session)
-            return self._info(session)
+        with self.metrics.track("reset"):
+            session = await self._session(session_id, owner)
+            async with session.lock:
+                session.require(*LIVE)
+                await self._refresh(session)
+                if self.store is not None:
+                    await self._save(session, _zero_state(session.model), step_count=0)
+                session.model.pool.reset(session.slot)
+                session.step_count = 0
+                self.sessions.mark_used(session)
+                return self._info(session)
 
     async def delete(self, session_id: str, owner: str | None) -> None:
-        session = self.sessions.get(session_id, owner)
-        async with session.lock:
-            self.sessions.close(session)
+        with self.metrics.track("delete"):
+            session = await self._session(session_id, owner)
+            async with session.lock:
+                session.require(*LIVE)
+                if self.store is not None:
+                    await self.store.delete(session.id)
+                self.sessions.close(session)
 
-    def attach(self, session_id: str, owner: str | None) -> tuple[SessionInfo, int]:
+    async def attach(self, session_id: str, owner: str | None) -> tuple[SessionInfo, int]:
         """Attach a streaming connection; returns the attachment id to pass to ``step``."""
-        session = self.sessions.get(session_id, owner)
-        attachment = self.sessions.attach(session)
-        return self._info(session), attachment
+        with self.metrics.track("attach"):
+            session = await self._session(session_id, owner)
+            async with session.lock:
+                await self._refresh(session)
+                attachment = self.sessions.attach(session)
+                return self._info(session), attachment
 
     def detach(self, session_id: str, attachment: int) -> None:
         """Mark the session idle again (it lives on for resume until its TTL)."""
         session = self.sessions.get_any(session_id)
         if session is not None:
             self.sessions.detach(session, attachment)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until no step is queued or running (for shutdown)."""
+        deadline = time.monotonic() + timeout_s
+        while any(m.batcher.queue_depth for m in self.served_models()) or self._steps_in_flight():
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.01)
+
+    def _steps_in_flight(self) -> bool:
+        return any(s.lock.locked() for s in self.sessions.cached())
 
     def _check_live(self, session: Session, attachment: int | None) -> None:
         if session.state is SessionState.STREAMING and attachment not in (None, session.attachment):
@@ -269,6 +357,77 @@ class DataPlane:
     @staticmethod
     def _info(session: Session) -> SessionInfo:
         return SessionInfo.of(session, time.monotonic())
+
+    # -- the durable store ------------------------------------------------------------------
+    async def _session(self, session_id: str, owner: str | None) -> Session:
+        """The session from memory, or loaded from the durable store on first touch."""
+        if self.store is None:
+            return self.sessions.get(session_id, owner)
+        session = self.sessions.lookup(session_id)
+        if session is None:
+            found = await self.store.load(session_id, known_revision=-1)
+            if not isinstance(found, SessionRecord) or found.owner_hash != owner_hash(owner):
+                raise StoredSessionNotFound(session_id, self.sessions.idle_ttl_s)
+            session = self.sessions.lookup(session_id) or self._adopt(found, owner)
+        if session.owner != owner:
+            raise StoredSessionNotFound(session_id, self.sessions.idle_ttl_s)
+        return session
+
+    def _adopt(self, record: SessionRecord, owner: str | None) -> Session:
+        model = self._model_of(record)
+        session = self.sessions.adopt(model, record.session_id, owner)
+        session.created_at = record.created_at
+        self._apply(session, record)
+        return session
+
+    async def _refresh(self, session: Session) -> None:
+        """Bring this copy up to the stored revision (another replica may have advanced it)."""
+        if self.store is None:
+            return
+        found = await self.store.load(session.id, known_revision=session.revision)
+        if found is None:
+            self.sessions.evict(session, "deleted")
+            raise StoredSessionNotFound(session.id, self.sessions.idle_ttl_s)
+        if isinstance(found, SessionRecord):
+            self._apply(session, found)
+
+    def _apply(self, session: Session, record: SessionRecord) -> None:
+        meta = session.model.metadata
+        expected = (meta.num_states, meta.num_layers, meta.hidden_size)
+        if record.state.shape != expected:
+            raise StoredSessionUnreadable(
+                session.id, f"state shape {record.state.shape}, the model expects {expected}"
+            )
+        session.model.pool.scatter(_slots(session), record.state[:, :, None, :])
+        session.step_count = record.step_count
+        session.revision = record.revision
+
+    async def _save(
+        self, session: Session, state: FloatArray, step_count: int | None = None
+    ) -> None:
+        """Compare-and-set the session's next revision in the store."""
+        assert self.store is not None
+        record = SessionRecord(
+            session_id=session.id,
+            model=session.model.name,
+            version=session.model.version,
+            step_count=session.step_count if step_count is None else step_count,
+            revision=session.revision + 1,
+            owner_hash=owner_hash(session.owner),
+            created_at=session.created_at,
+            state=state,  # (S, L, m)
+        )
+        await self.store.save(record)
+        session.revision = record.revision
+
+    def _model_of(self, record: SessionRecord) -> ServedModel:
+        try:
+            return self.repository.get(record.model, record.version)
+        except NotFound:
+            served = [m.version for m in self.served_models() if m.name == record.model]
+            raise SessionModelNotServed(
+                record.session_id, record.model, record.version, served
+            ) from None
 
     # -- validation -------------------------------------------------------------------------
     def parse_chunk(self, model: ServedModel, raw: Any, where: str, allow_flat: bool) -> FloatArray:
@@ -306,11 +465,20 @@ class DataPlane:
         return {"sessions": len(self.sessions), "models": models}
 
 
-async def _finish_even_if_cancelled(future: asyncio.Future[ChunkResult]) -> ChunkResult:
-    """Await a chunk; if our caller is cancelled, still wait for the chunk before giving up.
+def _zero_state(model: ServedModel) -> FloatArray:
+    meta = model.metadata
+    return np.zeros((meta.num_states, meta.num_layers, meta.hidden_size), np.float32)  # (S, L, m)
+
+
+def _slots(session: Session) -> SlotArray:
+    return np.array([session.slot], dtype=np.intp)  # (1,)
+
+
+async def _finish_even_if_cancelled(future: asyncio.Future[T]) -> T:
+    """Await a step; if our caller is cancelled, still wait for it (chunk and store write).
 
     The session lock is held meanwhile, so no other step, reset or delete can touch the slot
-    while the chunk is queued or running.
+    while the chunk is queued or running, and memory and store never disagree.
     """
     try:
         return await asyncio.shield(future)

@@ -13,7 +13,8 @@ from enum import Enum
 # Websocket close codes the service uses, documented in docs/service.md.
 CLOSE_CODES: dict[int, str] = {
     1000: "normal closure (the client sent {'close': true}; the session is deleted)",
-    1012: "service restart: the server is shutting down (sessions live in memory and end too)",
+    1012: "service restart: the server is shutting down; with the Redis store, resume on any "
+    "replica with ?session_id (with the memory store the session ends with the process)",
     1009: "message too big (over max_request_bytes)",
     1011: "internal error",
     4400: "bad request when opening (no model and no session_id, or both)",

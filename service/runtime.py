@@ -34,6 +34,7 @@ class ModelRuntime:
 
     def __init__(self, spec: ModelSpec, providers: list[str], intra_op_threads: int = 0) -> None:
         self.metadata = spec.metadata
+        self.onnx_path = spec.onnx_path
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # the provider fallback is reported by us, below

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -28,12 +28,14 @@ EXPIRED_IDS_REMEMBERED = 100_000  # expired ids answer "expired" (not "not found
 
 class SessionState(Enum):
     """open: idle or stepped over HTTP; streaming: a websocket is attached; closed and expired are
-    final (the slot is back in the pool)."""
+    final (the slot is back in the pool); evicted: dropped from this replica's memory while a
+    durable store keeps it (the next request loads it again, here or on any replica)."""
 
     OPEN = "open"
     STREAMING = "streaming"
     CLOSED = "closed"
     EXPIRED = "expired"
+    EVICTED = "evicted"
 
 
 LIVE = (SessionState.OPEN, SessionState.STREAMING)
@@ -50,6 +52,7 @@ class Session:
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     step_count: int = 0
+    revision: int = 0  # the store's revision this copy reflects (durable stores only)
     state: SessionState = SessionState.OPEN
     attachment: int = 0  # id of the websocket attached while streaming
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # steps run one at a time, FIFO
@@ -64,11 +67,17 @@ class Session:
 
 
 class SessionManager:
-    """All live sessions. Used from the event loop thread only."""
+    """All live sessions of this process. Used from the event loop thread only.
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float) -> None:
+    With a durable store (``durable=True``) this is a cache of the store: idle sessions and, when
+    full, the least recently used ones are evicted instead of ended, and come back on next use.
+    """
+
+    def __init__(self, max_sessions: int, idle_ttl_s: float, durable: bool = False) -> None:
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
+        self.durable = durable
+        self.evictions: Counter[str] = Counter()  # ended or evicted sessions, by reason
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._attachments = 0
@@ -78,26 +87,57 @@ class SessionManager:
         return len(self._sessions)
 
     def create(self, model: ServedModel, owner: str | None) -> Session:
-        if len(self._sessions) >= self.max_sessions:
-            self.expire_idle()
-            if len(self._sessions) >= self.max_sessions:
-                raise SessionLimitReached(self.max_sessions)
+        return self.adopt(model, secrets.token_urlsafe(24), owner)
+
+    def adopt(self, model: ServedModel, session_id: str, owner: str | None) -> Session:
+        """Add a session with a zeroed slot (a new one, or one about to be loaded from a store)."""
+        self._make_room()
         slot = model.pool.acquire()
-        session = Session(id=secrets.token_urlsafe(24), model=model, slot=slot, owner=owner)
+        session = Session(id=session_id, model=model, slot=slot, owner=owner)
         self._sessions[session.id] = session
         return session
 
-    def get(self, session_id: str, owner: str | None) -> Session:
-        """The live session ``session_id`` of ``owner``; 404 for anyone else's."""
+    def lookup(self, session_id: str) -> Session | None:
+        """The cached live session ``session_id`` whoever owns it, None if not here (durable)."""
         session = self._sessions.get(session_id)
         if session is not None and self._idle_too_long(session, time.monotonic()):
-            self._end(session, SessionState.EXPIRED)
-            session = None
+            self._end(session, self._idle_end)
+            return None
+        return session
+
+    def evict(self, session: Session, reason: str) -> None:
+        """Drop a cached session from memory; the durable store keeps it."""
+        if self._sessions.get(session.id) is session:
+            self._end(session, SessionState.EVICTED, reason)
+
+    @property
+    def _idle_end(self) -> SessionState:
+        return SessionState.EVICTED if self.durable else SessionState.EXPIRED
+
+    def _make_room(self) -> None:
+        if len(self._sessions) < self.max_sessions:
+            return
+        self.expire_idle()
+        if self.durable:
+            for session in list(self._sessions.values()):  # least recently used first
+                if len(self._sessions) < self.max_sessions:
+                    break
+                if session.state is SessionState.OPEN and not session.lock.locked():
+                    self._end(session, SessionState.EVICTED, "capacity")
+        if len(self._sessions) >= self.max_sessions:
+            raise SessionLimitReached(self.max_sessions)
+
+    def get(self, session_id: str, owner: str | None) -> Session:
+        """The live session ``session_id`` of ``owner``; 404 for anyone else's."""
+        session = self.lookup(session_id)
         if session is None or session.owner != owner:
             if session is None and session_id in self._expired:
                 raise SessionExpired(session_id, self.idle_ttl_s)
             raise SessionNotFound(session_id)
         return session
+
+    def cached(self) -> list[Session]:
+        return list(self._sessions.values())
 
     def get_any(self, session_id: str) -> Session | None:
         """The live session ``session_id`` whoever owns it (for internal bookkeeping)."""
@@ -132,7 +172,7 @@ class SessionManager:
             if session.last_used > now - self.idle_ttl_s:
                 break  # least recently used first: the rest are younger
             if self._idle_too_long(session, now):
-                self._end(session, SessionState.EXPIRED)
+                self._end(session, self._idle_end)
                 expired += 1
         return expired
 
@@ -144,10 +184,12 @@ class SessionManager:
             and now - session.last_used > self.idle_ttl_s
         )
 
-    def _end(self, session: Session, state: SessionState) -> None:
+    def _end(self, session: Session, state: SessionState, reason: str = "idle") -> None:
         session.state = state
         del self._sessions[session.id]
         session.model.pool.release(session.slot)
+        if state is not SessionState.CLOSED:
+            self.evictions[reason] += 1
         if state is SessionState.EXPIRED:
             self._expired[session.id] = None
             if len(self._expired) > EXPIRED_IDS_REMEMBERED:

@@ -10,6 +10,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+StoreKind = Literal["memory", "redis"]
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _split_commas(value: object) -> object:
@@ -56,8 +58,21 @@ class Settings(BaseSettings):
     """Most chunks waiting per model version; more answer 503 with Retry-After."""
     intra_op_threads: int = Field(default=0, ge=0)
     """ONNX Runtime threads per model call; 0 = ONNX Runtime's default."""
+    state_pool: Literal["auto", "host", "device"] = "auto"
+    """Where session states live: ``host`` (numpy), ``device`` (OrtValues on the model's device,
+    stepped through IOBinding) or ``auto`` (device when the model runs on CUDA, else host)."""
     ws_ping_interval_s: float = Field(default=20.0, gt=0)
     """Seconds between websocket keepalive pings (a peer that stops answering is dropped)."""
+    session_store: StoreKind = "memory"
+    """Where session states live: memory (this process) or redis (shared, survives restarts)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL of the redis session store (redis://, rediss:// or unix://)."""
+    redis_key_prefix: str = "rnnserve:"
+    """Prefix of every Redis key the service writes."""
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+    """Connect and reply timeout for Redis; past it a request fails with 503."""
+    shutdown_timeout_s: int = Field(default=10, ge=0)
+    """On SIGTERM, seconds for requests and batches in flight to finish; then they are cancelled."""
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod
@@ -80,6 +95,15 @@ class Settings(BaseSettings):
     def _models_dir_exists(cls, value: Path) -> Path:
         if not value.is_dir():
             raise ValueError(f"models folder {str(value)!r} does not exist or is not a folder")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in REDIS_SCHEMES:
+            shown = value.split("@")[-1]  # never echo a password
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://: {shown!r}")
         return value
 
     @model_validator(mode="after")

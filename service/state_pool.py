@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import numpy.typing as npt
 
@@ -11,14 +13,41 @@ FloatArray = npt.NDArray[np.float32]
 SlotArray = npt.NDArray[np.intp]
 
 
+class SlotPool(Protocol):
+    """What sessions, the data plane and the batcher need of a state pool, host or device.
+
+    Implemented by ``StatePool`` (numpy, on the host) and ``service.device_pool.DevicePool``
+    (OrtValues on the model's device). ``gather`` and ``scatter`` copy to and from the host.
+    """
+
+    max_slots: int
+    in_use: int
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def acquire(self) -> int: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def reset(self, slot: int) -> None: ...
+
+    def gather(self, slots: SlotArray) -> FloatArray: ...
+
+    def scatter(self, slots: SlotArray, states: FloatArray) -> None: ...
+
+
 class StatePool:
     """States of all sessions of one model version: an array (S, L, capacity, m) of float32.
 
     S is the number of state tensors (2 for an LSTM), L the layers, m the hidden size. A session
     owns one slot; a freed slot is zeroed and reused. Capacity doubles when full, up to
     ``max_slots``; fresh pages come from ``np.zeros`` and cost no resident memory until written.
-    The pool is used from the event loop thread only, so it needs no lock. A device-resident
-    version (CUDA + IOBinding) only has to provide the same five methods.
+    The pool is used from the event loop thread only, so it needs no lock. The device-resident
+    version is ``service.device_pool.DevicePool``.
     """
 
     def __init__(

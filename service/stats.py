@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,11 @@ class BatcherStats:
         self.max_batch_size = 0
         self.queue_delay = LatencyRing()
         self.step_latency = LatencyRing()
+        self.batch_listeners: list[Callable[[int, bool], None]] = []  # e.g. a metrics histogram
 
     def record_batch(self, size: int, failed: bool) -> None:
+        for listener in self.batch_listeners:
+            listener(size, failed)
         self.batches += 1
         self.failed_batches += int(failed)
         self.chunks += size

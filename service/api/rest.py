@@ -122,14 +122,14 @@ def _session(info: SessionInfo) -> dict[str, Any]:
 @api.post("/sessions", status_code=201, response_model=schemas.SessionBody, tags=["sessions"])
 async def create_session(body: schemas.CreateSession, dataplane: Plane, caller: Caller) -> Response:
     """Open a streaming session on a model version (default: the highest)."""
-    info = dataplane.create_session(body.model, body.version, caller)
+    info = await dataplane.create_session(body.model, body.version, caller)
     return OrjsonResponse(_session(info), status_code=201)
 
 
 @api.get("/sessions/{session_id}", response_model=schemas.SessionBody, tags=["sessions"])
 async def get_session(session_id: str, dataplane: Plane, caller: Caller) -> Response:
     """A session's model, state and step count."""
-    return OrjsonResponse(_session(dataplane.session_info(session_id, caller)))
+    return OrjsonResponse(_session(await dataplane.session_info(session_id, caller)))
 
 
 @api.post("/sessions/{session_id}/steps", response_model=schemas.StepResult, tags=["sessions"])

@@ -37,7 +37,7 @@ async def stream(websocket: WebSocket) -> None:
     dataplane: DataPlane = websocket.app.state.dataplane
     try:
         owner = _authenticate(websocket)
-        info, attachment = _open(dataplane, websocket.query_params, owner)
+        info, attachment = await _open(dataplane, websocket.query_params, owner)
     except ServiceError as exc:
         await _close(websocket, exc.close_code, exc.message)
         return
@@ -57,14 +57,14 @@ def _authenticate(websocket: WebSocket) -> str | None:
     return check_key(websocket.app.state.settings.api_keys, token)
 
 
-def _open(dataplane: DataPlane, params: Any, owner: str | None) -> tuple[SessionInfo, int]:
+async def _open(dataplane: DataPlane, params: Any, owner: str | None) -> tuple[SessionInfo, int]:
     model, session_id = params.get("model"), params.get("session_id")
     if (model is None) == (session_id is None):
         raise BadRequest("open /v1/stream with ?model=NAME[&version=V] or ?session_id=ID")
     if session_id is None:
-        info = dataplane.create_session(model, _version(params.get("version")), owner)
+        info = await dataplane.create_session(model, _version(params.get("version")), owner)
         session_id = info.session_id
-    return dataplane.attach(session_id, owner)
+    return await dataplane.attach(session_id, owner)
 
 
 def _version(raw: str | None) -> int | None:

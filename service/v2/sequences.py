@@ -84,7 +84,7 @@ class SequenceTable:
         if flags.start:
             session_id, output = await self._start(dataplane, key, version, inputs)
         else:
-            session_id = self._existing(dataplane, key, version)
+            session_id = await self._existing(dataplane, key, version)
             output = await self._continue(dataplane, key, session_id, inputs)
         if flags.end:
             del self._sessions[key]
@@ -95,7 +95,7 @@ class SequenceTable:
         self, dataplane: DataPlane, key: Key, version: int | None, inputs: list[list[float]]
     ) -> tuple[str, StepOutput]:
         owner = key[0]
-        session_id = dataplane.create_session(key[1], version, owner).session_id
+        session_id = (await dataplane.create_session(key[1], version, owner)).session_id
         try:
             output = await dataplane.step(session_id, inputs, owner)
         except ServiceError:
@@ -107,13 +107,13 @@ class SequenceTable:
             await _delete_quietly(dataplane, old, owner)
         return session_id, output
 
-    def _existing(self, dataplane: DataPlane, key: Key, version: int | None) -> str:
+    async def _existing(self, dataplane: DataPlane, key: Key, version: int | None) -> str:
         session_id = self._sessions.get(key)
         if session_id is None:
             raise _missing_start(key[2], key[1])
         if version is not None:
             try:
-                started_on = dataplane.session_info(session_id, key[0]).version
+                started_on = (await dataplane.session_info(session_id, key[0])).version
             except NotFound:
                 self._sessions.pop(key, None)
                 raise

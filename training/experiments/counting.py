@@ -125,19 +125,44 @@ def _curves(by_cell: dict[str, list[Run]], ns: range) -> dict[str, list[float]]:
     }
 
 
-def run(options: StudyOptions) -> Report:
-    plan = TINY if options.tiny else FULL
+Results = dict[str, dict[str, list[Run]]]  # {language: {cell: one Run per seed}}
+
+
+def train_all(plan: Plan, options: StudyOptions) -> Results:
+    """Train and score every cell with every seed on both languages."""
     keys = [
         (lang, cell, seed) for lang in LANGUAGES for cell in CELLS for seed in options.seed_list
     ]
     with tempfile.TemporaryDirectory(prefix="counting-") as workdir:
         calls = [(*key, plan, Path(workdir)) for key in keys]
         runs = run_all(train_one, calls, options.jobs)
-    results: dict[str, dict[str, list[Run]]] = {
-        lang: {cell: [] for cell in CELLS} for lang in LANGUAGES
-    }
+    results: Results = {lang: {cell: [] for cell in CELLS} for lang in LANGUAGES}
     for (language, cell, _), result in zip(keys, runs, strict=True):
         results[language][cell].append(result)
+    return results
+
+
+def _figure(path: Path, results: Results, plan: Plan, seeds: int) -> None:
+    ns = range(1, plan.n_eval_max + 1)
+    panels = [
+        CurvePanel(
+            title=symbol,
+            x=list(ns),
+            curves=_curves(results[language], ns),
+            marker_x=plan.n_train_max + 0.5,
+            marker_label="end of training range",
+        )
+        for language, symbol in LANGUAGES.items()
+    ]
+    title = f"Fraction of {seeds} seed(s) right at each n (trained on n <= {plan.n_train_max})"
+    curve_figure(path, title, panels, ylabel="fraction of seeds right")
+
+
+def run(options: StudyOptions) -> Report:
+    plan = TINY if options.tiny else FULL
+    results = train_all(plan, options)
+    figure = "counting.png"
+    _figure(options.out / figure, results, plan, options.seeds)
     tables = [
         Table(
             title=f"{symbol}: trained on n = 1..{plan.n_train_max}, scored on n = 1.."
@@ -149,23 +174,6 @@ def run(options: StudyOptions) -> Report:
         )
         for language, symbol in LANGUAGES.items()
     ]
-    ns = range(1, plan.n_eval_max + 1)
-    figure = "counting.png"
-    curve_figure(
-        options.out / figure,
-        f"Fraction of {options.seeds} seed(s) right at each n (trained on n <= {plan.n_train_max})",
-        [
-            CurvePanel(
-                title=symbol,
-                x=list(ns),
-                curves=_curves(results[language], ns),
-                marker_x=plan.n_train_max + 0.5,
-                marker_label="end of training range",
-            )
-            for language, symbol in LANGUAGES.items()
-        ],
-        ylabel="fraction of seeds right",
-    )
     return Report(
         study="counting",
         title="Counting: aⁿbⁿ and aⁿbⁿcⁿ past the training range",

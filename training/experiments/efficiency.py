@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -26,7 +27,7 @@ import torch
 from training.cells import CELLS
 from training.experiments.options import StudyOptions
 from training.experiments.plots import BarPanel, bar_figure
-from training.experiments.report import Report, Table, check_finite, mean_std
+from training.experiments.report import Report, Table, check_finite, mean_std, spread
 from training.export import resolve_graph
 from training.model import ModelConfig, RecurrentModel
 from training.onnx_graph import build_model_proto, state_names
@@ -185,55 +186,44 @@ def _row(cell: str, hidden: int, runs: list[Measurement], reference: int) -> tup
 def _panel_values(
     results: dict[str, dict[str, list[Measurement]]], pick: Callable[[Measurement], float]
 ) -> dict[str, dict[str, tuple[float, float]]]:
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for setting, by_cell in results.items():
-        out[setting] = {}
-        for cell, runs in by_cell.items():
-            values = [pick(r) for r in runs]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            out[setting][cell] = (statistics.fmean(values), std)
-    return out
-
-
-def run(options: StudyOptions) -> Report:
-    plan = TINY if options.tiny else FULL
-    torch.set_num_threads(1)
-    budget = CELLS[REFERENCE_CELL].parameter_count(INPUT_SIZE, plan.hidden_size)
-    sizes = {
-        "equal hidden": {cell: plan.hidden_size for cell in CELLS},
-        "equal parameters": {c: hidden_for_budget(c, INPUT_SIZE, budget) for c in CELLS},
+    """``{setting: {cell: (mean, std)}}`` of one quantity, for a bar panel."""
+    return {
+        setting: {cell: spread([pick(r) for r in runs]) for cell, runs in by_cell.items()}
+        for setting, by_cell in results.items()
     }
-    results: dict[str, dict[str, list[Measurement]]] = {s: {c: [] for c in CELLS} for s in sizes}
-    # One round per seed over every cell and size: a change in the machine's load between rounds
-    # then shows as spread over seeds rather than as a difference between cells.
+
+
+Results = dict[str, dict[str, list[Measurement]]]  # {setting: {cell: one Measurement per seed}}
+
+
+def measure_all(sizes: dict[str, dict[str, int]], plan: Plan, options: StudyOptions) -> Results:
+    """Measure every cell at every size, one round per seed.
+
+    Rounds rather than one cell at a time: a change in the machine's load between rounds then
+    shows as spread over seeds rather than as a difference between cells.
+    """
+    results: Results = {setting: {cell: [] for cell in CELLS} for setting in sizes}
     for seed in options.seed_list:
         for setting, hidden in sizes.items():
             for cell in CELLS:
                 results[setting][cell].append(measure(cell, hidden[cell], seed, plan))
-    tables = [
-        Table(
-            title=f"Equal hidden size (m = {plan.hidden_size})",
-            caption="Every cell with the same number of units.",
-            columns=COLUMNS,
-            rows=tuple(
-                _row(cell, sizes["equal hidden"][cell], runs, budget)
-                for cell, runs in results["equal hidden"].items()
-            ),
-        ),
-        Table(
-            title=f"Equal parameter budget ({budget}, the {REFERENCE_CELL} at m = "
-            f"{plan.hidden_size})",
-            caption="Every cell at the hidden size whose parameter count is nearest the budget.",
-            columns=COLUMNS,
-            rows=tuple(
-                _row(cell, sizes["equal parameters"][cell], runs, budget)
-                for cell, runs in results["equal parameters"].items()
-            ),
-        ),
-    ]
-    figure = "efficiency.png"
+    return results
+
+
+def _table(
+    title: str,
+    caption: str,
+    hidden: dict[str, int],
+    runs: dict[str, list[Measurement]],
+    budget: int,
+) -> Table:
+    rows = tuple(_row(cell, hidden[cell], runs[cell], budget) for cell in CELLS)
+    return Table(title=title, caption=caption, columns=COLUMNS, rows=rows)
+
+
+def _figure(path: Path, results: Results) -> None:
     bar_figure(
-        options.out / figure,
+        path,
         "Cost of every cell (mean ± std over seeds)",
         [
             BarPanel("parameters", _panel_values(results, lambda r: r.parameters)),
@@ -242,7 +232,46 @@ def run(options: StudyOptions) -> Report:
             BarPanel("torch µs/step (batch 1)", _panel_values(results, lambda r: r.torch_step_us)),
         ],
     )
-    description = (
+
+
+def run(options: StudyOptions) -> Report:
+    plan = TINY if options.tiny else FULL
+    torch.set_num_threads(1)
+    budget = CELLS[REFERENCE_CELL].parameter_count(INPUT_SIZE, plan.hidden_size)
+    equal_hidden = {cell: plan.hidden_size for cell in CELLS}
+    equal_budget = {cell: hidden_for_budget(cell, INPUT_SIZE, budget) for cell in CELLS}
+    results = measure_all(
+        {"equal hidden": equal_hidden, "equal parameters": equal_budget}, plan, options
+    )
+    figure = "efficiency.png"
+    _figure(options.out / figure, results)
+    return Report(
+        study="efficiency",
+        title="Efficiency: parameters, training time and inference latency per cell",
+        description=_description(plan, options),
+        tables=[
+            _table(
+                f"Equal hidden size (m = {plan.hidden_size})",
+                "Every cell with the same number of units.",
+                equal_hidden,
+                results["equal hidden"],
+                budget,
+            ),
+            _table(
+                f"Equal parameter budget ({budget}, the {REFERENCE_CELL} at m = "
+                f"{plan.hidden_size})",
+                "Every cell at the hidden size whose parameter count is nearest the budget.",
+                equal_budget,
+                results["equal parameters"],
+                budget,
+            ),
+        ],
+        figures=[(figure, "Parameters, training time and step latency per cell, both settings.")],
+    )
+
+
+def _description(plan: Plan, options: StudyOptions) -> str:
+    return (
         f"Input size {INPUT_SIZE}, one layer, a one-unit linear head. "
         f"Training: one epoch of the adding problem, {plan.train_sequences} sequences of "
         f"{plan.steps} steps in batches of {plan.batch_size} (forward, backward, Adam), median of "
@@ -252,11 +281,4 @@ def run(options: StudyOptions) -> Report:
         f"{options.seeds} seed(s): the timings are repeated per seed, parameters do not vary. "
         "'vs lstm' is the parameter count relative to the budget. Wall-clock numbers depend on the "
         "machine's load: compare cells within one report, not across machines."
-    )
-    return Report(
-        study="efficiency",
-        title="Efficiency: parameters, training time and inference latency per cell",
-        description=description,
-        tables=tables,
-        figures=[(figure, "Parameters, training time and step latency per cell, both settings.")],
     )

@@ -20,7 +20,7 @@ from typing import Any
 from training.cells import CELLS
 from training.experiments.options import StudyOptions, run_all
 from training.experiments.plots import BarPanel, bar_figure
-from training.experiments.report import Report, Table, check_finite, mean_std
+from training.experiments.report import Report, Table, check_finite, mean_std, spread
 from training.tasks import TaskOptions
 from training.train import TrainConfig, train
 
@@ -129,15 +129,15 @@ def _adding_row(cell: str, runs: list[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def _bars(results: dict[str, list[dict[str, Any]]], split: str, name: str) -> dict[str, Any]:
-    values = {}
-    for cell, runs in results.items():
-        v = _metric(runs, split, name)
-        values[cell] = (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
-    return values
+    """``{cell: (mean, std)}`` of one metric, for a bar panel."""
+    return {cell: spread(_metric(runs, split, name)) for cell, runs in results.items()}
 
 
-def run(options: StudyOptions) -> Report:
-    plan = TINY if options.tiny else FULL
+Summaries = dict[str, list[dict[str, Any]]]  # {cell: one training summary per seed}
+
+
+def train_all(plan: Plan, options: StudyOptions) -> dict[str, Summaries]:
+    """Train every cell with every seed on both tasks: ``{task: {cell: [summary, ...]}}``."""
     co2_options = TaskOptions(difference=True, train_windows=plan.co2_windows)
     adding_options = TaskOptions(
         seq_len=plan.adding_steps, train_size=plan.adding_train, eval_size=plan.adding_eval
@@ -147,15 +147,17 @@ def run(options: StudyOptions) -> Report:
     with tempfile.TemporaryDirectory(prefix="forecast-") as tmp:
         calls = [(cell, task, seed, *tasks[task], plan, Path(tmp)) for task, cell, seed in keys]
         summaries = run_all(_train, calls, options.jobs)
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {t: {c: [] for c in CELLS} for t in tasks}
+    results: dict[str, Summaries] = {task: {cell: [] for cell in CELLS} for task in tasks}
     for (task, cell, _), summary in zip(keys, summaries, strict=True):
         results[task][cell].append(summary)
-    co2, adding = results["co2"], results["adding"]
+    return results
+
+
+def _figure(path: Path, co2: Summaries, adding: Summaries) -> None:
     persistence = statistics.fmean(_metric(co2["gru"], "test", "persistence_rmse"))
     constant = statistics.fmean(_metric(adding["gru"], "test", "baseline_mse"))
-    figure = "forecast.png"
     bar_figure(
-        options.out / figure,
+        path,
         "Test error per cell (mean ± std over seeds)",
         [
             BarPanel(
@@ -173,6 +175,14 @@ def run(options: StudyOptions) -> Report:
             ),
         ],
     )
+
+
+def run(options: StudyOptions) -> Report:
+    plan = TINY if options.tiny else FULL
+    results = train_all(plan, options)
+    co2, adding = results["co2"], results["adding"]
+    figure = "forecast.png"
+    _figure(options.out / figure, co2, adding)
     return Report(
         study="forecast",
         title="Forecasting: the CO2 series and the adding problem",

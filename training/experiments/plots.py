@@ -39,10 +39,14 @@ class CurvePanel:
 
 
 def bar_figure(path: Path, title: str, panels: Sequence[BarPanel]) -> Path:
-    """Write one row of grouped bar charts to ``path``."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    """Write grouped bar charts, two panels a row, to ``path``."""
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
         _bars(ax, panel)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -80,7 +84,8 @@ def curve_figure(path: Path, title: str, panels: Sequence[CurvePanel], ylabel: s
             ax.plot(panel.x, ys, style, linewidth=width, label=cell, color=f"C{i % 10}")
         if panel.marker_x is not None:
             ax.axvline(panel.marker_x, color="grey", linestyle=":", label=panel.marker_label)
-        ax.set(title=panel.title, xlabel="n", ylabel=ylabel, ylim=(-0.05, 1.05))
+        ax.set(title=panel.title, xlabel="n (log scale)", ylabel=ylabel, ylim=(-0.05, 1.05))
+        ax.set_xscale("log")
         ax.legend(fontsize="small", ncol=2)
     fig.suptitle(title)
     fig.tight_layout()

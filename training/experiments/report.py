@@ -19,15 +19,20 @@ import onnxruntime as ort
 import torch
 
 
+def spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value) of the values over seeds."""
+    if not values:
+        raise ValueError("spread needs at least one value")
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std
+
+
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
     """``mean ± std`` over seeds (sample std; 0 for one value).
 
     The mean keeps ``digits`` significant digits and the std is rounded to the same decimal place.
     """
-    if not values:
-        raise ValueError("mean_std needs at least one value")
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    mean, std = spread(values)
     magnitude = math.floor(math.log10(abs(mean))) if mean else 0
     decimals = max(0, digits - 1 - magnitude)
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"

@@ -1,0 +1,164 @@
+"""Prometheus metrics at ``GET /metrics``, in a registry of the app's own (no global state).
+
+Counters and histograms are updated as requests pass; gauges (sessions, queue depth, provider,
+store counters) are read from the data plane when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+from starlette.responses import Response
+
+from service.errors import ServiceError
+
+if TYPE_CHECKING:
+    from service.dataplane import DataPlane, ServedModel
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+LATENCIES_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+router = APIRouter()
+
+
+class Metrics:
+    """The service's metrics; ``track`` counts data-plane calls (REST, websocket and V2 alike)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rnnserve_requests",
+            "Data-plane calls by kind (create_session, step, reset, delete, predict, ...).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "rnnserve_errors",
+            "Failed data-plane calls by kind and HTTP status.",
+            ["kind", "status"],
+            registry=self.registry,
+        )
+        self.step_latency = Histogram(
+            "rnnserve_step_latency_seconds",
+            "Session step time in the data plane: queue, model run and store write.",
+            ["model", "version"],
+            buckets=LATENCIES_S,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "rnnserve_batch_size",
+            "Chunks per ONNX Runtime call.",
+            ["model", "version"],
+            buckets=BATCH_SIZES,
+            registry=self.registry,
+        )
+
+    @contextmanager
+    def track(self, kind: str) -> Iterator[None]:
+        """Count one call of ``kind``, and its error status if it raises a ``ServiceError``."""
+        self.requests.labels(kind).inc()
+        try:
+            yield
+        except ServiceError as exc:
+            self.errors.labels(kind, str(exc.status_code)).inc()
+            raise
+
+    def observe_step(self, model: str, version: int, started: float) -> None:
+        """Record a step that began at ``time.perf_counter()`` value ``started``."""
+        self.step_latency.labels(model, str(version)).observe(time.perf_counter() - started)
+
+    def observe_batches(self, model: ServedModel) -> None:
+        """Feed the batch size histogram from a model's batcher."""
+        sizes = self.batch_size.labels(model.name, str(model.version))
+        model.batcher.stats.batch_listeners.append(lambda size, _failed: sizes.observe(size))
+
+    def watch(self, dataplane: Callable[[], DataPlane | None]) -> None:
+        """Export the data plane's gauges at scrape time (``dataplane()`` may be None early)."""
+        self.registry.register(_DataPlaneCollector(dataplane))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _DataPlaneCollector(Collector):
+    def __init__(self, dataplane: Callable[[], DataPlane | None]) -> None:
+        self._dataplane = dataplane
+
+    def collect(self) -> Iterable[Metric]:
+        dataplane = self._dataplane()
+        if dataplane is None:
+            return []
+        return [
+            *_session_metrics(dataplane),
+            *_model_metrics(dataplane),
+            *_store_metrics(dataplane),
+        ]
+
+
+def _session_metrics(dataplane: DataPlane) -> list[Metric]:
+    active = GaugeMetricFamily(
+        "rnnserve_sessions_active", "Sessions held in this replica's memory."
+    )
+    active.add_metric([], len(dataplane.sessions))
+    evictions = CounterMetricFamily(
+        "rnnserve_session_evictions",
+        "Sessions ended or dropped from memory, by reason (idle, capacity, store, deleted).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(dataplane.sessions.evictions.items()):
+        evictions.add_metric([reason], count)
+    return [active, evictions]
+
+
+def _model_metrics(dataplane: DataPlane) -> list[Metric]:
+    labels = ["model", "version"]
+    depth = GaugeMetricFamily(
+        "rnnserve_queue_depth", "Chunks waiting for a batch, per model version.", labels=labels
+    )
+    slots = GaugeMetricFamily(
+        "rnnserve_pool_sessions", "State pool slots in use, per model version.", labels=labels
+    )
+    provider = GaugeMetricFamily(
+        "rnnserve_model_provider",
+        "The execution provider in use per model version (value 1).",
+        labels=[*labels, "provider"],
+    )
+    for model in dataplane.served_models():
+        key = [model.name, str(model.version)]
+        depth.add_metric(key, model.batcher.queue_depth)
+        slots.add_metric(key, model.pool.in_use)
+        provider.add_metric([*key, model.provider], 1)
+    return [depth, slots, provider]
+
+
+def _store_metrics(dataplane: DataPlane) -> list[Metric]:
+    if dataplane.store is None:
+        return []
+    stats = dataplane.store.stats
+    described = {
+        "pipelines": "Round trips to the session store (one pipeline per event-loop tick).",
+        "commands": "Commands sent to the session store.",
+        "conflicts": "Writes refused because another replica advanced the session first.",
+        "unavailable": "Round trips that failed because the store was unreachable.",
+    }
+    families: list[Metric] = []
+    for name, text in described.items():
+        family = CounterMetricFamily(f"rnnserve_store_{name}", text)
+        family.add_metric([], getattr(stats, name))
+        families.append(family)
+    return families
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this replica's metrics."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
