@@ -797,7 +797,8 @@ def run_all(model: Model, args: argparse.Namespace) -> None:
     if rows:
         print("\n" + HEADER)
         print("\n".join(format_row(row) for row in rows))
-        print("\n".join(ratios(rows)))
+        for line in ratios(rows):
+            print(line)
     if args.memory:
         port = free_port()
         env = service_env(True, args.gpu, max_sessions) | args.server_env
