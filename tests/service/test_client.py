@@ -420,6 +420,22 @@ def test_stdin_mode_streams_each_line(
     np.testing.assert_allclose([steps[t][1] for t in range(12)], want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_reader_that_stops_early_ends_the_client_quietly(
+    service_url: str, csv_file: Path
+) -> None:
+    command = [sys.executable, "-m", "service.client", "stream", "--url", ws_url(service_url)]
+    command += ["--model", "tiny", "--csv", str(csv_file), "--column", "a"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline().startswith("0\t")  # like `... | head -1`
+    process.stdout.close()
+    assert process.wait(timeout=60) == 0
+    assert "Traceback" not in process.stderr.read()
+    process.stderr.close()
+
+
 # ----------------------------------------------------------------------------- errors
 
 
