@@ -79,16 +79,16 @@ def curve_figure(path: Path, title: str, panels: Sequence[CurvePanel], ylabel: s
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for i, (cell, ys) in enumerate(panel.curves.items()):
-            style = "-" if i < 10 else "--"
             width = 2.5 if cell == "lstm" else 1.2
-            ax.plot(panel.x, ys, style, linewidth=width, label=cell, color=f"C{i % 10}")
+            ax.plot(panel.x, ys, linewidth=width, label=cell, color=f"C{i % 10}")
         if panel.marker_x is not None:
             ax.axvline(panel.marker_x, color="grey", linestyle=":", label=panel.marker_label)
         ax.set(title=panel.title, xlabel="n (log scale)", ylabel=ylabel, ylim=(-0.05, 1.05))
         ax.set_xscale("log")
-        ax.legend(fontsize="small", ncol=2)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.1, 1.0, 1.0))  # leave room for the shared legend
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
