@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -36,6 +36,10 @@ from service.store.base import owner_hash
 from service.store.errors import SessionBusy, StoredSessionNotFound, StoredSessionUnreadable
 
 T = TypeVar("T")
+NUMBER_TYPES = frozenset({int, float})  # bool is not a number here, nor a numeric string
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT64_MAX = float(np.finfo(np.float64).max)
+SMALL_MATRIX = 64  # values checked in Python below this size; numpy is faster above it
 EVICTED_RETRIES = 3  # a step whose session is dropped from memory while it waits reloads it
 
 
@@ -98,7 +102,12 @@ class SessionInfo:
 class StepOutput:
     outputs: FloatArray  # (T, o)
     step_count: int
-    state: FloatArray  # (S, L, m): the session's state after the chunk
+    chunk: ChunkResult = field(repr=False)
+
+    @property
+    def state(self) -> FloatArray:
+        """The session's state after the chunk (S, L, m), copied out of the batch on use."""
+        return self.chunk.state
 
 
 @dataclass(frozen=True)
@@ -276,29 +285,42 @@ class DataPlane:
                     if session.state is SessionState.EVICTED:
                         continue  # dropped from memory while we waited: load it again
                     self._check_live(session, attachment)
+                    if self.store is None:  # the common case: one future, no extra task
+                        return await self._advance_in_memory(session, x)
                     task = asyncio.ensure_future(self._advance(session, x))
                     return await _finish_even_if_cancelled(task)
             raise SessionBusy(session_id)
 
+    async def _advance_in_memory(self, session: Session, x: FloatArray) -> StepOutput:
+        """Run the chunk from the current state, without a durable store (the lock is held)."""
+        started = time.perf_counter()
+        future = self._submit(session, x)
+        result = await _finish_even_if_cancelled(future)
+        self.metrics.observe_step(session.model.name, session.model.version, started)
+        return StepOutput(outputs=result.y, step_count=session.step_count, chunk=result)
+
     async def _advance(self, session: Session, x: FloatArray) -> StepOutput:
         """Run the chunk from the current state and store the result (the session lock is held)."""
+        assert self.store is not None
         started = time.perf_counter()
         await self._refresh(session)
+        result = await self._submit(session, x)
+        try:
+            await self._save(session, result.state)
+        except ServiceError:
+            self.sessions.evict(session, "store")  # this copy is ahead of the store: drop it
+            raise
+        self.metrics.observe_step(session.model.name, session.model.version, started)
+        return StepOutput(outputs=result.y, step_count=session.step_count, chunk=result)
+
+    def _submit(self, session: Session, x: FloatArray) -> asyncio.Future[ChunkResult]:
+        """Queue the chunk on the session's slot; its step count moves only if it succeeds."""
 
         def stored() -> None:
             session.step_count += len(x)
             self.sessions.mark_used(session)
 
-        future = session.model.batcher.submit(x, slot=session.slot, on_success=stored)
-        result = await future
-        if self.store is not None:
-            try:
-                await self._save(session, result.state)
-            except ServiceError:
-                self.sessions.evict(session, "store")  # this copy is ahead of the store: drop it
-                raise
-        self.metrics.observe_step(session.model.name, session.model.version, started)
-        return StepOutput(outputs=result.y, step_count=session.step_count, state=result.state)
+        return session.model.batcher.submit(x, slot=session.slot, on_success=stored)
 
     async def reset(self, session_id: str, owner: str | None) -> SessionInfo:
         """Zero the session's state and step count."""
@@ -489,6 +511,39 @@ async def _finish_even_if_cancelled(future: asyncio.Future[T]) -> T:
 
 def _finite_matrix(raw: Any, where: str, rows: int, cols: int, row_name: str = "row") -> FloatArray:
     """Check ``raw`` is ``rows`` lists of ``cols`` finite numbers; return it as float32."""
+    matrix = _plain_float32_matrix(raw, rows, cols)
+    if matrix is not None:
+        return matrix
+    return _checked_matrix(raw, where, rows, cols, row_name)
+
+
+def _plain_float32_matrix(raw: Any, rows: int, cols: int) -> FloatArray | None:
+    """The fast path: ``raw`` as float32 when it is plainly valid, else None.
+
+    Plainly valid: ``rows`` lists of ``cols`` ints or floats, all within float32's range. Anything
+    else (including values that only round into that range) takes ``_checked_matrix``, which
+    finds and names the problem.
+    """
+    if type(raw) is not list or len(raw) != rows:
+        return None
+    for row in raw:
+        if type(row) is not list or len(row) != cols or not NUMBER_TYPES.issuperset(map(type, row)):
+            return None
+    if rows * cols <= SMALL_MATRIX:  # NaN fails both comparisons
+        if not all(-FLOAT32_MAX <= value <= FLOAT32_MAX for row in raw for value in row):
+            return None
+        return np.array(raw, dtype=np.float64).astype(np.float32)  # (rows, cols)
+    try:
+        matrix = np.array(raw, dtype=np.float64)  # (rows, cols)
+    except OverflowError:  # an int beyond float64
+        return None
+    if not (np.abs(matrix) <= FLOAT32_MAX).all():
+        return None
+    return matrix.astype(np.float32)
+
+
+def _checked_matrix(raw: Any, where: str, rows: int, cols: int, row_name: str) -> FloatArray:
+    """The slow path of ``_finite_matrix``: check value by value and name the first problem."""
     if not isinstance(raw, list) or len(raw) != rows:
         raise InvalidInput(f"'{where}' must be a list of {rows} {row_name}s")
     for t, row in enumerate(raw):
@@ -501,14 +556,23 @@ def _finite_matrix(raw: Any, where: str, rows: int, cols: int, row_name: str = "
         for j, value in enumerate(row):
             if type(value) not in (int, float):
                 raise BadRequest(f"'{where}[{t}][{j}]' is not a number: {value!r:.40}")
-    matrix = np.asarray(raw, dtype=np.float64)
+    try:
+        matrix = np.asarray(raw, dtype=np.float64)
+    except OverflowError:  # an int beyond float64 (JSON allows any number of digits)
+        t, j = next(
+            (t, j) for t, row in enumerate(raw) for j, v in enumerate(row) if abs(v) > FLOAT64_MAX
+        )
+        raise BadRequest(_not_finite(where, t, j, "an integer beyond float64")) from None
     with np.errstate(over="ignore"):
         as_float32 = matrix.astype(np.float32)
     bad = np.argwhere(~np.isfinite(as_float32))
     if bad.size:
         t, j = bad[0]
-        raise BadRequest(
-            f"'{where}[{t}][{j}]' is {float(matrix[t, j])!r}: NaN, infinity and values beyond "
-            "float32 are not accepted"
-        )
+        raise BadRequest(_not_finite(where, t, j, repr(float(matrix[t, j]))))
     return as_float32
+
+
+def _not_finite(where: str, t: int, j: int, value: str) -> str:
+    return (
+        f"'{where}[{t}][{j}]' is {value}: NaN, infinity and values beyond float32 are not accepted"
+    )

@@ -35,6 +35,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from service.errors import SessionLimitReached
+from service.runtime import CPU, session_options
 
 FloatArray = npt.NDArray[np.float32]
 SlotArray = npt.NDArray[np.intp]
@@ -235,8 +236,8 @@ def grow_model(layout: StateLayout) -> onnx.ModelProto:
 def _session(
     model: onnx.ModelProto, providers: list[str | tuple[str, dict[str, str]]], threads: int
 ) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    options = session_options(threads, on_cpu=first == CPU)
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 

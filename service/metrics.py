@@ -7,8 +7,8 @@ store counters) are read from the data plane when Prometheus scrapes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -60,20 +60,27 @@ class Metrics:
             buckets=BATCH_SIZES,
             registry=self.registry,
         )
+        self._trackers: dict[str, CallTracker] = {}
+        self._step_latencies: dict[tuple[str, int], Histogram] = {}
 
-    @contextmanager
-    def track(self, kind: str) -> Iterator[None]:
-        """Count one call of ``kind``, and its error status if it raises a ``ServiceError``."""
-        self.requests.labels(kind).inc()
-        try:
-            yield
-        except ServiceError as exc:
-            self.errors.labels(kind, str(exc.status_code)).inc()
-            raise
+    def track(self, kind: str) -> CallTracker:
+        """Count one call of ``kind``, and its error status if it raises a ``ServiceError``.
+
+        Use as ``with metrics.track("step"): ...``; the tracker of each kind is made once, since
+        looking up a labelled child (``labels()``) costs more than the count itself.
+        """
+        tracker = self._trackers.get(kind)
+        if tracker is None:
+            tracker = self._trackers[kind] = CallTracker(self, kind)
+        return tracker
 
     def observe_step(self, model: str, version: int, started: float) -> None:
         """Record a step that began at ``time.perf_counter()`` value ``started``."""
-        self.step_latency.labels(model, str(version)).observe(time.perf_counter() - started)
+        histogram = self._step_latencies.get((model, version))
+        if histogram is None:
+            histogram = self.step_latency.labels(model, str(version))
+            self._step_latencies[(model, version)] = histogram
+        histogram.observe(time.perf_counter() - started)
 
     def observe_batches(self, model: ServedModel) -> None:
         """Feed the batch size histogram from a model's batcher."""
@@ -86,6 +93,27 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CallTracker:
+    """A reusable context manager counting the calls of one kind and their errors by status."""
+
+    def __init__(self, metrics: Metrics, kind: str) -> None:
+        self._kind = kind
+        self._calls = metrics.requests.labels(kind)
+        self._errors = metrics.errors
+
+    def __enter__(self) -> None:
+        self._calls.inc()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, ServiceError):
+            self._errors.labels(self._kind, str(exc.status_code)).inc()
 
 
 class _DataPlaneCollector(Collector):

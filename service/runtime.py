@@ -15,6 +15,21 @@ logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
+CPU = "CPUExecutionProvider"
+
+
+def session_options(intra_op_threads: int, on_cpu: bool) -> ort.SessionOptions:
+    """ONNX Runtime options for a model's calls.
+
+    ``intra_op_threads`` 0 means one thread when the model runs on the CPU provider (batches of
+    small recurrent models gain little from more, and spare cores serve the event loop) and ONNX
+    Runtime's default (one per core) otherwise. Idle intra-op threads never spin: spinning threads
+    would take the cores the event loop needs between calls.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1 if intra_op_threads == 0 and on_cpu else intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 @dataclass(frozen=True)
@@ -35,11 +50,10 @@ class ModelRuntime:
     def __init__(self, spec: ModelSpec, providers: list[str], intra_op_threads: int = 0) -> None:
         self.metadata = spec.metadata
         self.onnx_path = spec.onnx_path
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.log_severity_level = 3  # the provider fallback is reported by us, below
         available = set(ort.get_available_providers())
         wanted = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+        options = session_options(intra_op_threads, on_cpu=wanted[0] == CPU)
+        options.log_severity_level = 3  # the provider fallback is reported by us, below
         self._session = ort.InferenceSession(str(spec.onnx_path), options, providers=wanted)
         # onnxruntime-gpu silently falls back to CPU when CUDA cannot start: report what runs.
         self.providers: list[str] = self._session.get_providers()

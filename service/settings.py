@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     """Accepted API keys (comma-separated); empty = no authentication."""
     log_level: LogLevel = "info"
     """Log level of the service and uvicorn."""
+    access_log: bool = False
+    """Log one line per HTTP request (uvicorn's access log, at level info); off by default, as it
+    costs about a tenth of the CPU time of a step request."""
     max_batch_size: int = Field(default=256, ge=1)
     """Most chunks (from different sessions) in one ONNX Runtime call."""
     max_batch_delay_ms: float = Field(default=0.0, ge=0)
@@ -57,7 +60,8 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(default=4096, ge=1)
     """Most chunks waiting per model version; more answer 503 with Retry-After."""
     intra_op_threads: int = Field(default=0, ge=0)
-    """ONNX Runtime threads per model call; 0 = ONNX Runtime's default."""
+    """ONNX Runtime threads per model call; 0 = one on the CPU provider (batches of small models
+    gain little from more, and spare cores serve requests), ONNX Runtime's default elsewhere."""
     state_pool: Literal["auto", "host", "device"] = "auto"
     """Where session states live: ``host`` (numpy), ``device`` (OrtValues on the model's device,
     stepped through IOBinding) or ``auto`` (device when the model runs on CUDA, else host)."""

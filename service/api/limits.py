@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,10 +22,9 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = BodyTooLarge(self.max_bytes)
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = _content_length(scope["headers"])
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(413, error.message)(scope, receive, send)
+            await error_response(413, BodyTooLarge(self.max_bytes).message)(scope, receive, send)
             return
         received = 0
 
@@ -34,7 +35,16 @@ class BodySizeLimit:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # FastAPI re-raises HTTPException from body parsing; our handler renders it.
-                    raise HTTPException(413, detail=error.message)
+                    raise HTTPException(413, detail=BodyTooLarge(self.max_bytes).message)
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The (last) Content-Length header's value, if any; ASGI header names are lower-case."""
+    found = None
+    for name, value in headers:
+        if name == b"content-length":
+            found = value
+    return found

@@ -27,12 +27,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_dataplane(request: Request) -> DataPlane:
+# The dependencies are ``async def`` although they never wait: FastAPI runs a plain ``def``
+# dependency in a worker thread, a thread round trip per request for a dictionary lookup.
+
+
+async def get_dataplane(request: Request) -> DataPlane:
     dataplane: DataPlane = request.app.state.dataplane
     return dataplane
 
 
-def get_caller(
+async def get_caller(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> str | None:
     """The caller's API key (None when the service has no keys); 401 without a valid one."""

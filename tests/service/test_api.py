@@ -144,6 +144,31 @@ BAD_STEPS = [
     pytest.param(b'{"inputs": [[NaN, 1]]}', 400, "'inputs[0][0]' is nan", id="nan"),
     pytest.param(b'{"inputs": [[1, -Infinity]]}', 400, "'inputs[0][1]' is -inf", id="inf"),
     pytest.param({"inputs": [[1, 1e39]]}, 400, "beyond float32", id="float32-overflow"),
+    pytest.param(
+        b'{"inputs": [[1, 1' + b"0" * 400 + b"]]}",
+        400,
+        "'inputs[0][1]' is an integer beyond float64",
+        id="huge-integer",
+    ),
+    # Long chunks (over 64 values) are checked with numpy first; the messages stay the same.
+    pytest.param(
+        b'{"inputs": [' + b"[1, 2], " * 39 + b"[1, NaN]]}",
+        400,
+        "'inputs[39][1]' is nan",
+        id="long-nan",
+    ),
+    pytest.param(
+        {"inputs": [[1, 2]] * 39 + [[True, 2]]},
+        400,
+        "'inputs[39][0]' is not a number",
+        id="long-bool",
+    ),
+    pytest.param(
+        {"inputs": [[1, 2]] * 39 + [[1, -1e39]]},
+        400,
+        "'inputs[39][1]' is -1e+39",
+        id="long-overflow",
+    ),
     pytest.param({"inputs": [[1, 2, 3]]}, 422, "has 3 values; the model expects 2", id="features"),
     pytest.param({"inputs": [[1, 2], [1]]}, 422, "'inputs[1]' has 1 values", id="ragged"),
     pytest.param({"inputs": [[1, 2], 3]}, 422, "'inputs[1]' must be a list", id="mixed"),
@@ -158,6 +183,21 @@ BAD_STEPS = [
         {"inputs": [[1.0, 2.0]] * 9000}, 413, "larger than the limit of 65536 bytes", id="body"
     ),
 ]
+
+
+def test_long_chunk_matches_the_reference(client: TestClient, tiny: TinyGRU) -> None:
+    inputs = np.random.default_rng(7).standard_normal((40, 2)).round(3).tolist()
+    inputs[5][1] = 2  # ints and floats mix
+    body = step(client, create(client), inputs)
+    assert body["step_count"] == 40
+    np.testing.assert_allclose(body["outputs"], tiny.run(inputs)[0], atol=1e-5)
+
+
+def test_a_value_that_rounds_to_the_float32_maximum_is_accepted(client: TestClient) -> None:
+    sid = create(client)
+    response = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": [[3.4028235e38, 0.0]]})
+    assert response.status_code == 200, response.text
+    assert response.json()["step_count"] == 1
 
 
 @pytest.mark.parametrize(("body", "status", "message"), BAD_STEPS)

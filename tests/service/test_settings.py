@@ -30,6 +30,12 @@ def test_defaults_prefer_cuda_then_cpu(tmp_path: Path) -> None:
     assert settings.api_keys == []
 
 
+def test_access_log_is_off_unless_asked_for(tmp_path: Path) -> None:
+    assert settings_from_args(["--models-dir", str(tmp_path)]).access_log is False
+    on = settings_from_args(["--models-dir", str(tmp_path), "--access-log", "true"])
+    assert on.access_log is True
+
+
 def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RNNSERVE_PORT", "9000")
     monkeypatch.setenv("RNNSERVE_MAX_SESSIONS", "7")
