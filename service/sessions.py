@@ -26,6 +26,13 @@ logger = logging.getLogger(__name__)
 EXPIRED_IDS_REMEMBERED = 100_000  # expired ids answer "expired" (not "not found") this long
 
 
+def new_session_id() -> str:
+    """192 random bits, URL-safe; never starting with '-', which command lines read as a flag."""
+    while (session_id := secrets.token_urlsafe(24)).startswith("-"):
+        pass
+    return session_id
+
+
 class SessionState(Enum):
     """open: idle or stepped over HTTP; streaming: a websocket is attached; closed and expired are
     final (the slot is back in the pool); evicted: dropped from this replica's memory while a
@@ -87,7 +94,7 @@ class SessionManager:
         return len(self._sessions)
 
     def create(self, model: ServedModel, owner: str | None) -> Session:
-        return self.adopt(model, secrets.token_urlsafe(24), owner)
+        return self.adopt(model, new_session_id(), owner)
 
     def adopt(self, model: ServedModel, session_id: str, owner: str | None) -> Session:
         """Add a session with a zeroed slot (a new one, or one about to be loaded from a store)."""

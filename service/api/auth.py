@@ -27,3 +27,16 @@ def check_key(api_keys: list[str], token: str | None) -> str | None:
         if hmac.compare_digest(key.encode(), token.encode()):
             return key
     raise Unauthorized("the API key is not valid")
+
+
+def identify(
+    api_keys: list[str], authorization: str | None, token: str | None = None
+) -> str | None:
+    """The caller's key from ``Authorization: Bearer`` (or a ``token`` parameter), checked.
+
+    Without configured keys the service identifies nobody and ignores the header, so a proxy that
+    adds its own ``Authorization`` does not break it.
+    """
+    if not api_keys:
+        return None
+    return check_key(api_keys, bearer_token(authorization) or token)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from starlette.responses import Response
 
 from service.api import schemas
-from service.api.auth import bearer_token, check_key
+from service.api.auth import identify
 from service.api.responses import OrjsonResponse
 from service.dataplane import DataPlane, SequenceOutput, ServedModel, SessionInfo
 from service.errors import NotReady
@@ -40,7 +40,7 @@ async def get_caller(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> str | None:
     """The caller's API key (None when the service has no keys); 401 without a valid one."""
-    return check_key(request.app.state.settings.api_keys, bearer_token(authorization))
+    return identify(request.app.state.settings.api_keys, authorization)
 
 
 Plane = Annotated[DataPlane, Depends(get_dataplane)]

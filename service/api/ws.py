@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from service.api.auth import bearer_token, check_key
+from service.api.auth import identify
 from service.api.responses import dumps
 from service.dataplane import DataPlane, SessionInfo
 from service.errors import BadRequest, InvalidInput, ServiceError
@@ -51,10 +51,9 @@ async def stream(websocket: WebSocket) -> None:
 
 
 def _authenticate(websocket: WebSocket) -> str | None:
-    token = bearer_token(websocket.headers.get("authorization"))
-    if token is None:
-        token = websocket.query_params.get("token")
-    return check_key(websocket.app.state.settings.api_keys, token)
+    settings = websocket.app.state.settings
+    headers, params = websocket.headers, websocket.query_params
+    return identify(settings.api_keys, headers.get("authorization"), params.get("token"))
 
 
 async def _open(dataplane: DataPlane, params: Any, owner: str | None) -> tuple[SessionInfo, int]:

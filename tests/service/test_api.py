@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
+from service import sessions
+
 if TYPE_CHECKING:
     from conftest import TestClient, TinyGRU
 
@@ -133,6 +135,12 @@ def test_session_ids_are_unguessable(client: TestClient) -> None:
     ids = {create(client) for _ in range(20)}
     assert len(ids) == 20
     assert all(len(i) >= 32 for i in ids)  # token_urlsafe(24): 192 random bits
+
+
+def test_session_ids_never_look_like_a_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = iter(["-starts-with-a-dash", "also-urlsafe"])
+    monkeypatch.setattr(sessions.secrets, "token_urlsafe", lambda nbytes: next(draws))
+    assert sessions.new_session_id() == "also-urlsafe"
 
 
 # Each bad request: (body or raw bytes, status, words the message must contain).

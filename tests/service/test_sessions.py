@@ -91,6 +91,15 @@ def test_requests_without_a_valid_key_are_401(
         assert message in response.json()["error"]
 
 
+def test_without_keys_an_authorization_header_is_ignored(client: TestClient) -> None:
+    # A proxy in front of an unauthenticated service may add credentials of its own.
+    for value in ("Basic dXNlcjpwdw==", "Bearer whatever"):
+        response = client.post(
+            "/v1/sessions", json={"model": "tiny"}, headers={"Authorization": value}
+        )
+        assert response.status_code == 201, response.text
+
+
 def test_health_needs_no_key(keyed: TestClient) -> None:
     assert keyed.get("/health/ready").status_code == 200
 
