@@ -158,11 +158,14 @@ async def model_config(
     )
 
 
-INFER = {"response_model": schemas.InferResponse, "openapi_extra": schemas.INFER_REQUEST_EXAMPLE}
+INFER: dict[str, Any] = {
+    "response_model": schemas.InferResponse,
+    "openapi_extra": schemas.INFER_REQUEST_EXAMPLE,
+}
 
 
-@v2.post("/models/{name}/infer", **INFER)  # type: ignore[arg-type]
-@v2.post("/models/{name}/versions/{version}/infer", **INFER)  # type: ignore[arg-type]
+@v2.post("/models/{name}/infer", **INFER)
+@v2.post("/models/{name}/versions/{version}/infer", **INFER)
 async def infer(
     name: str,
     request: Request,
