@@ -1,6 +1,7 @@
 """Dynamic batching across sessions: one ONNX Runtime call runs chunks of many sessions at once.
 
-Chunks wait on a queue, each with its own future. A batch closes when it holds ``max_batch_size``
+Chunks wait on a queue, each with its own future (a session chunk's future cannot be cancelled,
+see ``StepFuture``). A batch closes when it holds ``max_batch_size``
 chunks or ``max_delay_s`` after its first chunk (0: whatever is queued when the previous batch
 ends). A batch holds at most one chunk per state slot, so a session's chunks run in order. Chunks of
 different lengths are padded to the longest and run with ``lengths``. The states of a batch are
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -54,6 +56,20 @@ class BatchOutput:
     states: Callable[[], FloatArray]
 
 
+class StepFuture(asyncio.Future[ChunkResult]):
+    """The future of a session chunk: cancelling the task that awaits it does not cancel it.
+
+    A cancelled caller keeps waiting until the chunk has run, and only then gets its
+    ``CancelledError`` (asyncio raises it at the task's next step). So a caller holding the
+    session's lock keeps it until the slot's new state is stored, and the batch never skips a
+    chunk whose session has moved on. ``asyncio.shield`` would do the same with two more
+    callbacks per step.
+    """
+
+    def cancel(self, msg: object = None) -> bool:
+        return False
+
+
 @dataclass(eq=False)
 class Chunk:
     """A queued request: ``x`` (T, n) run from a pool slot, or from ``initial_state`` if no slot."""
@@ -88,16 +104,15 @@ class Batcher:
         self._max_queue_depth = max_queue_depth
         self._carry: list[Chunk] = []  # chunks pulled but left for the next batch, in order
         self._running: list[Chunk] = []
-        self._queue: asyncio.Queue[Chunk] | None = None
-        self._wakeup: asyncio.Event | None = None
+        self._queue: deque[Chunk] = deque()
+        self._wakeup: asyncio.Event | None = None  # set when a chunk is queued
         self._task: asyncio.Task[None] | None = None
 
     @property
     def queue_depth(self) -> int:
-        return (self._queue.qsize() if self._queue else 0) + len(self._carry)
+        return len(self._queue) + len(self._carry)
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
         self._wakeup = asyncio.Event()
         meta = self.runtime.metadata
         self._task = asyncio.create_task(self._serve(), name=f"batcher {meta.name}/{meta.version}")
@@ -108,9 +123,8 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         error = Unavailable("service is shutting down")
-        waiting = [*self._running, *self._carry]
-        while self._queue is not None and not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
+        waiting = [*self._running, *self._carry, *self._queue]
+        self._queue.clear()
         for chunk in waiting:
             if not chunk.future.done():
                 chunk.future.set_exception(error)
@@ -125,18 +139,22 @@ class Batcher:
     ) -> asyncio.Future[ChunkResult]:
         """Queue ``x`` (T, n); raise ``QueueFull`` at once if ``max_queue_depth`` chunks wait.
 
-        ``on_success`` runs on the event loop right after the chunk's state is stored.
+        ``on_success`` runs on the event loop right after the chunk's state is stored. The future
+        of a chunk with a ``slot`` is a ``StepFuture``; a stateless chunk's future may be
+        cancelled, and the batch then leaves it out if it has not started.
         """
-        if self._queue is None or self._wakeup is None:
+        if self._wakeup is None:
             raise Unavailable("batcher is not running")
-        meta = self.runtime.metadata
-        if self.queue_depth >= self._max_queue_depth:
-            raise QueueFull(meta.name, meta.version, self.queue_depth)
+        depth = len(self._queue) + len(self._carry)
+        if depth >= self._max_queue_depth:
+            meta = self.runtime.metadata
+            raise QueueFull(meta.name, meta.version, depth)
         loop = asyncio.get_running_loop()
-        chunk = Chunk(x, slot, initial_state, loop.create_future(), on_success, loop.time())
-        self._queue.put_nowait(chunk)
+        future = StepFuture(loop=loop) if slot is not None else loop.create_future()
+        chunk = Chunk(x, slot, initial_state, future, on_success, loop.time())
+        self._queue.append(chunk)
         self._wakeup.set()
-        return chunk.future
+        return future
 
     async def _serve(self) -> None:
         while True:
@@ -147,18 +165,20 @@ class Batcher:
                 self._running = []
 
     async def _collect(self) -> list[Chunk]:
-        assert self._queue is not None
+        assert self._wakeup is not None
         candidates, self._carry = self._carry, []
-        if not candidates:
-            candidates.append(await self._queue.get())
+        while not candidates and not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
         if self._max_delay_s > 0:
             await self._wait_to_fill(len(candidates))
         batch: list[Chunk] = []
         slots: set[int] = set()
         for chunk in candidates:
             self._take(chunk, batch, slots)
-        while len(batch) < self._max_batch_size and not self._queue.empty():
-            self._take(self._queue.get_nowait(), batch, slots)
+        queue = self._queue
+        while len(batch) < self._max_batch_size and queue:
+            self._take(queue.popleft(), batch, slots)
         return batch
 
     def _take(self, chunk: Chunk, batch: list[Chunk], slots: set[int]) -> None:
@@ -172,10 +192,10 @@ class Batcher:
         batch.append(chunk)
 
     async def _wait_to_fill(self, have: int) -> None:
-        assert self._queue is not None and self._wakeup is not None
+        assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_delay_s
-        while have + self._queue.qsize() < self._max_batch_size:
+        while have + len(self._queue) < self._max_batch_size:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -187,10 +207,8 @@ class Batcher:
                 return
 
     async def _run(self, batch: list[Chunk]) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        for chunk in batch:
-            self.stats.queue_delay.add(started - chunk.enqueued_at)
+        started = asyncio.get_running_loop().time()
+        self.stats.queue_delay.add_many([started - chunk.enqueued_at for chunk in batch])
         await self._execute(batch)
 
     async def _execute(self, batch: list[Chunk]) -> None:
@@ -245,14 +263,15 @@ class Batcher:
 
     def _resolve(self, batch: list[Chunk], out: BatchOutput, now: float) -> None:
         self.stats.record_batch(len(batch), failed=False)
+        self.stats.step_latency.add_many([now - chunk.enqueued_at for chunk in batch])
+        ys = np.ascontiguousarray(out.y)  # (B, T, o): each row's first steps are contiguous
+        steps = ys.shape[1]
         for i, chunk in enumerate(batch):
             if chunk.on_success is not None:
                 chunk.on_success()
-            self.stats.step_latency.add(now - chunk.enqueued_at)
             if not chunk.future.done():
-                y = np.ascontiguousarray(out.y[i, : len(chunk.x)])  # (T, o)
-                result = ChunkResult(y=y, batch_states=out.states, row=i)
-                chunk.future.set_result(result)
+                y = ys[i] if len(chunk.x) == steps else ys[i, : len(chunk.x)]  # (T, o)
+                chunk.future.set_result(ChunkResult(y=y, batch_states=out.states, row=i))
 
     def _fail(self, batch: list[Chunk], exc: Exception) -> None:
         meta = self.runtime.metadata

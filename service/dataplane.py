@@ -7,9 +7,11 @@ arrive as decoded JSON values (nested lists) or numpy arrays; results are numpy 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
@@ -279,25 +281,22 @@ class DataPlane:
         """
         with self.metrics.track("step"):
             for _ in range(EVICTED_RETRIES):
-                session = await self._session(session_id, owner)
+                if self.store is None:  # no await: the session is in memory or nowhere
+                    session = self.sessions.get(session_id, owner)
+                else:
+                    session = await self._session(session_id, owner)
                 x = self.parse_chunk(session.model, inputs, "inputs", allow_flat=True)
                 async with session.lock:
                     if session.state is SessionState.EVICTED:
                         continue  # dropped from memory while we waited: load it again
                     self._check_live(session, attachment)
                     if self.store is None:  # the common case: one future, no extra task
-                        return await self._advance_in_memory(session, x)
+                        started = time.perf_counter()
+                        result = await self._submit(session, x)  # not cancellable: StepFuture
+                        return self._stepped(session, result, started)
                     task = asyncio.ensure_future(self._advance(session, x))
                     return await _finish_even_if_cancelled(task)
             raise SessionBusy(session_id)
-
-    async def _advance_in_memory(self, session: Session, x: FloatArray) -> StepOutput:
-        """Run the chunk from the current state, without a durable store (the lock is held)."""
-        started = time.perf_counter()
-        future = self._submit(session, x)
-        result = await _finish_even_if_cancelled(future)
-        self.metrics.observe_step(session.model.name, session.model.version, started)
-        return StepOutput(outputs=result.y, step_count=session.step_count, chunk=result)
 
     async def _advance(self, session: Session, x: FloatArray) -> StepOutput:
         """Run the chunk from the current state and store the result (the session lock is held)."""
@@ -310,11 +309,19 @@ class DataPlane:
         except ServiceError:
             self.sessions.evict(session, "store")  # this copy is ahead of the store: drop it
             raise
+        return self._stepped(session, result, started)
+
+    def _stepped(self, session: Session, result: ChunkResult, started: float) -> StepOutput:
+        """Record a finished step (begun at ``time.perf_counter()`` value ``started``)."""
         self.metrics.observe_step(session.model.name, session.model.version, started)
         return StepOutput(outputs=result.y, step_count=session.step_count, chunk=result)
 
     def _submit(self, session: Session, x: FloatArray) -> asyncio.Future[ChunkResult]:
-        """Queue the chunk on the session's slot; its step count moves only if it succeeds."""
+        """Queue the chunk on the session's slot; its step count moves only if it succeeds.
+
+        The future is a ``StepFuture``: a cancelled caller still waits for the chunk to run, so
+        the session lock covers the slot until its new state is stored.
+        """
 
         def stored() -> None:
             session.step_count += len(x)
@@ -462,7 +469,7 @@ class DataPlane:
             raise InvalidInput(f"'{where}' must be a list of steps, each a list of {n} numbers")
         if not raw:
             raise InvalidInput(f"'{where}' is empty: send at least one step")
-        if allow_flat and not any(isinstance(v, list) for v in raw):
+        if allow_flat and type(raw[0]) is not list and not any(isinstance(v, list) for v in raw):
             raw = [raw]
         if len(raw) > self.max_steps_per_chunk:
             raise ChunkTooLarge(f"'{where}'", len(raw), self.max_steps_per_chunk)
@@ -529,10 +536,8 @@ def _plain_float32_matrix(raw: Any, rows: int, cols: int) -> FloatArray | None:
     for row in raw:
         if type(row) is not list or len(row) != cols or not NUMBER_TYPES.issuperset(map(type, row)):
             return None
-    if rows * cols <= SMALL_MATRIX:  # NaN fails both comparisons
-        if not all(-FLOAT32_MAX <= value <= FLOAT32_MAX for row in raw for value in row):
-            return None
-        return np.array(raw, dtype=np.float64).astype(np.float32)  # (rows, cols)
+    if rows * cols <= SMALL_MATRIX:
+        return _small_float32_matrix(raw)
     try:
         matrix = np.array(raw, dtype=np.float64)  # (rows, cols)
     except OverflowError:  # an int beyond float64
@@ -540,6 +545,23 @@ def _plain_float32_matrix(raw: Any, rows: int, cols: int) -> FloatArray | None:
     if not (np.abs(matrix) <= FLOAT32_MAX).all():
         return None
     return matrix.astype(np.float32)
+
+
+def _small_float32_matrix(raw: list[list[int | float]]) -> FloatArray | None:
+    """A few plain numbers as float32, or None if any may be beyond float32's range.
+
+    The sum of absolute values is NaN, infinite or above the limit whenever one value is (a
+    chunk of large but valid values may also fail the test: the slow path then accepts it).
+    Each value is within float32's range, so converting it directly rounds as float64 then
+    float32 does.
+    """
+    try:
+        total = math.fsum(map(abs, chain.from_iterable(raw)))
+    except OverflowError:  # an int beyond float64, or a sum beyond it
+        return None
+    if not total <= FLOAT32_MAX:
+        return None
+    return np.array(raw, dtype=np.float32)  # (rows, cols)
 
 
 def _checked_matrix(raw: Any, where: str, rows: int, cols: int, row_name: str) -> FloatArray:

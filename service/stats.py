@@ -19,6 +19,16 @@ class LatencyRing:
         self._samples[self._count % self._samples.size] = seconds
         self._count += 1
 
+    def add_many(self, seconds: list[float]) -> None:
+        """Add samples in order, as ``add`` one by one would (the oldest ones drop out first)."""
+        size = self._samples.size
+        recent = seconds[-size:]  # with more samples than room, only the last ones stay
+        start = (self._count + len(seconds) - len(recent)) % size
+        first = min(len(recent), size - start)
+        self._samples[start : start + first] = recent[:first]
+        self._samples[: len(recent) - first] = recent[first:]
+        self._count += len(seconds)
+
     def summary(self) -> dict[str, float | None]:
         recent = self._samples[: min(self._count, self._samples.size)]
         if recent.size == 0:

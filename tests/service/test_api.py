@@ -208,6 +208,15 @@ def test_a_value_that_rounds_to_the_float32_maximum_is_accepted(client: TestClie
     assert response.json()["step_count"] == 1
 
 
+def test_short_chunk_of_large_valid_values_is_accepted(client: TestClient) -> None:
+    # Their sum is beyond float32: the quick range test fails and the exact check accepts them.
+    sid = create(client)
+    inputs = [[3.0e38, -3.0e38], [2.0e38, 1.0]]
+    response = client.post(f"/v1/sessions/{sid}/steps", json={"inputs": inputs})
+    assert response.status_code == 200, response.text
+    assert response.json()["step_count"] == 2
+
+
 @pytest.mark.parametrize(("body", "status", "message"), BAD_STEPS)
 def test_bad_step_is_rejected_and_leaves_the_state(
     client: TestClient, tiny: TinyGRU, body: Any, status: int, message: str

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.batcher import Batcher, ChunkResult
 from service.errors import InferenceFailed, QueueFull, Unavailable
 from service.registry import read_model_dir
 from service.runtime import FloatArray, ModelRuntime, RunOutput
@@ -178,3 +178,33 @@ async def test_stop_fails_waiting_chunks(make_batcher: BatcherFactory) -> None:
     await batcher.stop()
     with pytest.raises(Unavailable, match="shutting down"):
         await future
+
+
+async def test_a_cancelled_caller_waits_until_its_session_chunk_has_run(
+    make_batcher: BatcherFactory, tiny: TinyGRU
+) -> None:
+    batcher = make_batcher(max_batch_size=8, max_delay_s=0.3)  # the chunk waits in the queue
+    slot = batcher.pool.acquire()
+    x = np.ones((2, 2), np.float32)
+    caller = asyncio.create_task(_await(batcher.submit(x, slot=slot)))
+    await asyncio.sleep(0.02)
+    caller.cancel()
+    await asyncio.sleep(0.02)
+    assert not caller.done()  # still queued: the caller (and any lock it holds) waits for it
+    await asyncio.wait([caller], timeout=2.0)
+    assert caller.cancelled()
+    _, expected = tiny.run(x)  # the chunk ran and its state is stored
+    np.testing.assert_allclose(batcher.pool.gather(np.array([slot]))[0, :, 0], expected, atol=1e-5)
+
+
+async def test_a_cancelled_stateless_chunk_is_left_out(make_batcher: BatcherFactory) -> None:
+    batcher = make_batcher(max_batch_size=8, max_delay_s=0.1)
+    x = np.zeros((1, 2), np.float32)
+    dropped, kept = batcher.submit(x), batcher.submit(x)
+    dropped.cancel()
+    await asyncio.wait_for(kept, timeout=2.0)
+    assert batcher.stats.chunks == 1
+
+
+async def _await(future: asyncio.Future[ChunkResult]) -> ChunkResult:
+    return await future

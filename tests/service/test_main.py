@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
+
+from service.__main__ import GC_YOUNG_THRESHOLD, tune_gc
 
 
 @pytest.fixture
@@ -71,3 +74,14 @@ def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "invalid settings" in result.stderr and "does not exist" in result.stderr
+
+
+def test_tune_gc_freezes_what_exists_and_collects_young_objects_less_often() -> None:
+    threshold = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 1000  # the modules imported so far
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -6,7 +6,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from service.metrics import LATENCIES_S, LatencyHistogram
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -67,3 +70,26 @@ def test_idle_expiry_counts_as_an_eviction(make_client: Callable[..., TestClient
     samples = scrape(client)
     assert samples[("rnnserve_session_evictions_total", label(reason="idle"))] == 1
     assert samples[("rnnserve_sessions_active", label())] == 0
+
+
+def test_latency_histogram_is_exposed_like_a_prometheus_histogram() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    histogram = LatencyHistogram("step_seconds", "Step time.", buckets=LATENCIES_S)
+    ours.register(histogram)
+    reference = Histogram(
+        "step_seconds", "Step time.", ["model", "version"], buckets=LATENCIES_S, registry=theirs
+    )
+    # bucket bounds themselves, values between them, beyond the last one, and two series
+    values = [0.0005, 0.0007, 0.001, 0.02, 0.03, 5.0, 7.5, 0.0]
+    for model, version in (("a", 1), ("a", 2)):
+        for value in values[: 4 + version * 2]:
+            histogram.series(model, version).observe(value)
+            reference.labels(model, str(version)).observe(value)
+
+    def without_created(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if "_created{" not in line]
+
+    assert without_created(ours) == without_created(theirs)
+    created = [line for line in generate_latest(ours).decode().splitlines() if "_created{" in line]
+    assert len(created) == 2
