@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +20,7 @@ from functools import partial
 import onnxruntime as ort
 import torch
 
+from training import timing
 from training.cells import CELLS
 from training.model import ModelConfig, RecurrentModel
 from training.onnx_graph import NATIVE_CELLS, build_model_proto, state_names
@@ -53,16 +51,7 @@ QUICK = Plan((32,), (Shape(1, 1), Shape(64, 1), Shape(8, 32)), 0.02, 50)
 
 
 def median_seconds(fn: Callable[[], object], plan: Plan) -> float:
-    fn()  # warm up: first-run allocations and ORT's lazy initialisation
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (
-        len(times) < plan.max_repeats and time.perf_counter() - start < plan.min_time_s
-    ):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timing.median_seconds(fn, plan.min_time_s, plan.max_repeats)
 
 
 def make_session(model: RecurrentModel, form: str, threads: int) -> ort.InferenceSession:
@@ -95,14 +84,9 @@ def bench_shape(
 
 
 def machine_line(threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, {threads} threads; onnxruntime {ort.__version__} "
+        f"{timing.cpu_model()}, {os.cpu_count()} cores, {threads} threads; "
+        f"onnxruntime {ort.__version__} "
         f"(CPUExecutionProvider), torch {torch.__version__}"
     )
 

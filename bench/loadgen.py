@@ -47,6 +47,8 @@ import onnxruntime as ort
 import orjson
 from websockets.asyncio.client import connect
 
+from training import timing
+
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_SERVER = Path(__file__).resolve().parent / "echo_server.py"
@@ -690,14 +692,9 @@ def ratios(rows: list[Row]) -> list[str]:
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     return (
-        f"machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+        f"machine: {timing.cpu_model()}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}, "
         f"onnxruntime {ort.__version__}; load generator on the same machine; "
         f"load average {os.getloadavg()[0]:.1f} at the start"
     )

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from training import timing
 from training.cells import CELLS
 from training.experiments.options import StudyOptions
 from training.experiments.plots import BarPanel, bar_figure
@@ -78,16 +79,7 @@ def hidden_for_budget(cell: str, input_size: int, budget: int) -> int:
 
 def median_seconds(fn: Callable[[], object], plan: Plan) -> float:
     """Median wall time of ``fn`` after one warm-up call."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (
-        len(times) < plan.max_repeats and time.perf_counter() - start < plan.min_time_s
-    ):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timing.median_seconds(fn, plan.min_time_s, plan.max_repeats)
 
 
 def build(cell: str, hidden: int, seed: int) -> RecurrentModel:

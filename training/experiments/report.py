@@ -18,6 +18,8 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
+from training import timing
+
 
 def spread(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample std (0 for one value) of the values over seeds."""
@@ -92,14 +94,9 @@ class Report:
 
 def machine_description() -> str:
     """CPU model and cores, torch and ONNX Runtime versions."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()}; torch {torch.__version__} "
+        f"{timing.cpu_model()}, {os.cpu_count()} cores, {platform.system()}; "
+        f"torch {torch.__version__} "
         f"(1 thread), onnxruntime {ort.__version__} (CPUExecutionProvider)"
     )
 
