@@ -34,11 +34,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from service.errors import SessionLimitReached
 from service.runtime import CPU, session_options
-
-FloatArray = npt.NDArray[np.float32]
-SlotArray = npt.NDArray[np.intp]
+from service.state_pool import FloatArray, SlotAllocator, SlotArray
 
 PREFIX = "rnnserve_pool."
 POOL, SLOTS, POOL_OUT = f"{PREFIX}pool", f"{PREFIX}slots", f"{PREFIX}pool_out"
@@ -270,7 +267,6 @@ class DevicePool:
         if isinstance(model, Path):
             model = onnx.load(str(model))
         self.layout = layout
-        self.max_slots = max_slots
         self.device = device
         self.in_place = in_place
         self._device_id = device_id
@@ -290,12 +286,18 @@ class DevicePool:
         self._capacity = min(initial_capacity, max_slots)  # wanted; the device catches up in _sync
         self._pool = self._zeros(self._capacity)
         self._spare = None if in_place else self._empty(self._capacity)
-        self._free: list[int] = []  # released slots, reused first (LIFO keeps the pool compact)
-        self._next_unused = 0
+        self._slots = SlotAllocator(max_slots)
         self._to_zero: list[int] = []  # released or reset slots, zeroed before the next device op
-        self.in_use = 0
         self._book = threading.Lock()  # bookkeeping, held for microseconds
         self._device_lock = threading.Lock()  # device work, held for a whole call
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots.max_slots
+
+    @property
+    def in_use(self) -> int:
+        return self._slots.in_use
 
     # -- bookkeeping (event loop) --------------------------------------------------------------
 
@@ -311,24 +313,16 @@ class DevicePool:
     def acquire(self) -> int:
         """Hand out a zeroed slot; raise ``SessionLimitReached`` when ``max_slots`` are in use."""
         with self._book:
-            if self._free:
-                slot = self._free.pop()
-            elif self._next_unused < self.max_slots:
-                if self._next_unused == self._capacity:
-                    self._capacity = min(self._capacity * 2, self.max_slots)
-                slot = self._next_unused
-                self._next_unused += 1
-            else:
-                raise SessionLimitReached(self.max_slots)
-            self.in_use += 1
+            slot = self._slots.take()
+            if slot == self._capacity:
+                self._capacity = min(self._capacity * 2, self.max_slots)
             return slot
 
     def release(self, slot: int) -> None:
         """Return a slot to the free list; it is zeroed before the next device operation."""
         with self._book:
             self._to_zero.append(slot)
-            self._free.append(slot)
-            self.in_use -= 1
+            self._slots.give_back(slot)
 
     def reset(self, slot: int) -> None:
         with self._book:
@@ -383,8 +377,9 @@ class DevicePool:
         slot_ids = np.ascontiguousarray(slots, dtype=np.int64)  # (B,)
         if slot_ids.ndim != 1 or not slot_ids.size:
             raise ValueError(f"slots must be a non-empty vector, got shape {slot_ids.shape}")
-        if slot_ids.min() < 0 or slot_ids.max() >= self._next_unused:
-            raise ValueError(f"slots must lie in [0, {self._next_unused}) (the slots handed out)")
+        handed_out = self._slots.handed_out
+        if slot_ids.min() < 0 or slot_ids.max() >= handed_out:
+            raise ValueError(f"slots must lie in [0, {handed_out}) (the slots handed out)")
         return slot_ids
 
     def _sync(self) -> None:

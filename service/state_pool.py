@@ -20,8 +20,11 @@ class SlotPool(Protocol):
     (OrtValues on the model's device). ``gather`` and ``scatter`` copy to and from the host.
     """
 
-    max_slots: int
-    in_use: int
+    @property
+    def max_slots(self) -> int: ...
+
+    @property
+    def in_use(self) -> int: ...
 
     @property
     def capacity(self) -> int: ...
@@ -38,6 +41,33 @@ class SlotPool(Protocol):
     def gather(self, slots: SlotArray) -> FloatArray: ...
 
     def scatter(self, slots: SlotArray, states: FloatArray) -> None: ...
+
+
+class SlotAllocator:
+    """Which slots of a pool are taken: released slots are reused first (LIFO keeps the pool
+    compact), then never-used ones in order, up to ``max_slots``."""
+
+    def __init__(self, max_slots: int) -> None:
+        self.max_slots = max_slots
+        self.in_use = 0
+        self.handed_out = 0  # slots at and above this index were never handed out
+        self._free: list[int] = []
+
+    def take(self) -> int:
+        """A free slot; raise ``SessionLimitReached`` when ``max_slots`` are in use."""
+        if self._free:
+            slot = self._free.pop()
+        elif self.handed_out < self.max_slots:
+            slot = self.handed_out
+            self.handed_out += 1
+        else:
+            raise SessionLimitReached(self.max_slots)
+        self.in_use += 1
+        return slot
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+        self.in_use -= 1
 
 
 class StatePool:
@@ -58,14 +88,19 @@ class StatePool:
         max_slots: int,
         initial_capacity: int = 1024,
     ) -> None:
-        self.max_slots = max_slots
         capacity = min(initial_capacity, max_slots)
         self._states: FloatArray = np.zeros(
             (num_states, num_layers, capacity, hidden_size), dtype=np.float32
         )
-        self._free: list[int] = []  # released slots, reused first (LIFO keeps the pool compact)
-        self._next_unused = 0  # slots at and above this index were never handed out
-        self.in_use = 0
+        self._slots = SlotAllocator(max_slots)
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots.max_slots
+
+    @property
+    def in_use(self) -> int:
+        return self._slots.in_use
 
     @property
     def capacity(self) -> int:
@@ -77,23 +112,15 @@ class StatePool:
 
     def acquire(self) -> int:
         """Hand out a zeroed slot; raise ``SessionLimitReached`` when ``max_slots`` are in use."""
-        if self._free:
-            slot = self._free.pop()
-        elif self._next_unused < self.max_slots:
-            if self._next_unused == self.capacity:
-                self._grow()
-            slot = self._next_unused
-            self._next_unused += 1
-        else:
-            raise SessionLimitReached(self.max_slots)
-        self.in_use += 1
+        slot = self._slots.take()
+        if slot == self.capacity:
+            self._grow()
         return slot
 
     def release(self, slot: int) -> None:
         """Zero a slot and return it to the free list."""
         self.reset(slot)
-        self._free.append(slot)
-        self.in_use -= 1
+        self._slots.give_back(slot)
 
     def reset(self, slot: int) -> None:
         self._states[:, :, slot, :] = 0.0
