@@ -8,11 +8,14 @@ time, so a flooding client waits on TCP flow control instead of growing server b
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from fastapi import APIRouter
+from starlette.routing import WebSocketRoute
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from service.api.auth import identify
 from service.api.responses import dumps
@@ -30,24 +33,37 @@ class _Closed(Exception):
     """The client asked to close the session (``{"close": true}``)."""
 
 
-@router.websocket("/v1/stream")
-async def stream(websocket: WebSocket) -> None:
-    """Stream chunks through one session; see docs/service.md for frames and close codes."""
-    await websocket.accept()
-    dataplane: DataPlane = websocket.app.state.dataplane
-    try:
-        owner = _authenticate(websocket)
-        info, attachment = await _open(dataplane, websocket.query_params, owner)
-    except ServiceError as exc:
-        await _close(websocket, exc.close_code, exc.message)
-        return
-    try:
-        await websocket.send_text(dumps(_hello(info)).decode())
-        await _serve(websocket, dataplane, info.session_id, owner, attachment)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        dataplane.detach(info.session_id, attachment)
+class StreamEndpoint:
+    """The ASGI app of ``/v1/stream``; see docs/service.md for frames and close codes.
+
+    A plain ASGI endpoint rather than a FastAPI route: Starlette's ``WebSocket`` opens the
+    connection and says hello, then the frame loop talks to the server's ``receive`` and ``send``
+    directly, without the wrapper's state checks on every message (the loop sends nothing after
+    a close, and treats an ``OSError`` from ``send`` as the client leaving, as the wrapper does).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        await websocket.accept()
+        dataplane: DataPlane = websocket.app.state.dataplane
+        try:
+            owner = _authenticate(websocket)
+            info, attachment = await _open(dataplane, websocket.query_params, owner)
+        except ServiceError as exc:
+            await _close(websocket, exc.close_code, exc.message)
+            return
+        try:
+            await websocket.send_text(dumps(_hello(info)).decode())
+            limit = websocket.app.state.settings.max_request_bytes
+            frames = _Frames(dataplane, info.session_id, owner, attachment)
+            await _serve(receive, send, frames, limit)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            dataplane.detach(info.session_id, attachment)
+
+
+router.routes.append(WebSocketRoute("/v1/stream", StreamEndpoint(), name="stream"))
 
 
 def _authenticate(websocket: WebSocket) -> str | None:
@@ -83,45 +99,69 @@ def _hello(info: SessionInfo) -> dict[str, Any]:
     }
 
 
-async def _serve(
-    websocket: WebSocket, dataplane: DataPlane, session_id: str, owner: str | None, attachment: int
-) -> None:
-    limit = websocket.app.state.settings.max_request_bytes
+@dataclass(frozen=True)
+class _Frames:
+    """Answers the frames of one streaming connection."""
+
+    dataplane: DataPlane
+    session_id: str
+    owner: str | None
+    attachment: int
+
+    async def answer(self, data: str | bytes) -> dict[str, Any]:
+        """The reply to one frame; raises ``_Closed`` after ``{"close": true}``."""
+        frame = _decode(data)
+        if len(frame) != 1 or "inputs" not in frame:  # the common frame skips these checks
+            reply = await self._control(frame)
+            if reply is not None:
+                return reply
+        step = await self.dataplane.step(
+            self.session_id, frame["inputs"], self.owner, self.attachment
+        )
+        return {"outputs": step.outputs, "step_count": step.step_count}
+
+    async def _control(self, frame: dict[str, Any]) -> dict[str, Any] | None:
+        """Close or reset the session if the frame asks to; None if it is a step."""
+        if frame.get("close") is True:
+            await self.dataplane.delete(self.session_id, self.owner)
+            raise _Closed
+        if frame.get("reset") is True:
+            info = await self.dataplane.reset(self.session_id, self.owner)
+            return {"reset": True, "step_count": info.step_count}
+        if "inputs" not in frame:
+            raise InvalidInput('a frame needs "inputs" (or {"close": true} or {"reset": true})')
+        return None
+
+
+async def _serve(receive: Receive, send: Send, frames: _Frames, limit: int) -> None:
+    """Answer frames until the client leaves or the connection closes."""
     while True:
-        message = await websocket.receive()
+        message = await receive()
         if message["type"] == "websocket.disconnect":
             return
-        data = message.get("text") or message.get("bytes") or b""
-        if len(data) > limit:  # uvicorn enforces this too (ws_max_size); the test client not
-            await _close(websocket, 1009, f"message larger than {limit} bytes")
-            return
+        reply = await _reply(frames, message, limit)
         try:
-            reply = await _handle(dataplane, data, session_id, owner, attachment)
-        except _Closed:
-            await _close(websocket, 1000, "session closed")
+            await send(reply)
+        except OSError:  # the client left meanwhile (Starlette's WebSocket says 1006)
             return
-        except ServiceError as exc:
-            if exc.status_code in FATAL_STATUSES:
-                await _close(websocket, exc.close_code, exc.message)
-                return
-            reply = {"error": exc.message}
-        await websocket.send_text(dumps(reply).decode())
+        if reply["type"] == "websocket.close":
+            return
 
 
-async def _handle(
-    dataplane: DataPlane, data: str | bytes, session_id: str, owner: str | None, attachment: int
-) -> dict[str, Any]:
-    frame = _decode(data)
-    if frame.get("close") is True:
-        await dataplane.delete(session_id, owner)
-        raise _Closed
-    if frame.get("reset") is True:
-        info = await dataplane.reset(session_id, owner)
-        return {"reset": True, "step_count": info.step_count}
-    if "inputs" not in frame:
-        raise InvalidInput('a frame needs "inputs" (or {"close": true} or {"reset": true})')
-    result = await dataplane.step(session_id, frame["inputs"], owner, attachment)
-    return {"outputs": result.outputs, "step_count": result.step_count}
+async def _reply(frames: _Frames, message: Message, limit: int) -> Message:
+    """The message answering one received frame: a reply, or a close."""
+    data = message.get("text") or message.get("bytes") or b""
+    if len(data) > limit:  # uvicorn enforces this too (ws_max_size); the test client not
+        return _close_message(1009, f"message larger than {limit} bytes")
+    try:
+        reply = await frames.answer(data)
+    except _Closed:
+        return _close_message(1000, "session closed")
+    except ServiceError as exc:
+        if exc.status_code in FATAL_STATUSES:
+            return _close_message(exc.close_code, exc.message)
+        reply = {"error": exc.message}
+    return {"type": "websocket.send", "text": dumps(reply).decode()}
 
 
 def _decode(data: str | bytes) -> dict[str, Any]:
@@ -136,5 +176,10 @@ def _decode(data: str | bytes) -> dict[str, Any]:
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     if websocket.application_state is WebSocketState.CONNECTED:
-        encoded = reason.encode()[:REASON_BYTES].decode(errors="ignore")
-        await websocket.close(code=code, reason=encoded)
+        await websocket.send(_close_message(code, reason))
+
+
+def _close_message(code: int, reason: str) -> Message:
+    """A close message; its reason cut to what a close frame holds, on a character boundary."""
+    encoded = reason.encode()[:REASON_BYTES].decode(errors="ignore")
+    return {"type": "websocket.close", "code": code, "reason": encoded}

@@ -189,3 +189,73 @@ async def test_real_server_closes_1009_on_a_frame_over_the_limit(server: LiveSer
         with pytest.raises(websockets.ConnectionClosed) as info:
             await asyncio.wait_for(ws.recv(), timeout=5)
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+@pytest.mark.parametrize(
+    ("extra", "reply_keys", "step_count"),
+    [
+        pytest.param({"reset": False, "close": False}, {"outputs", "step_count"}, 6, id="step"),
+        pytest.param({"reset": True}, {"reset", "step_count"}, 0, id="reset-wins"),
+    ],
+)
+def test_a_frame_with_inputs_and_control_keys(
+    client: TestClient, extra: dict[str, bool], reply_keys: set[str], step_count: int
+) -> None:
+    with client.websocket_connect("/v1/stream?model=tiny") as ws:
+        ws.receive_json()
+        ws.send_json({"inputs": STEPS_A})
+        ws.receive_json()
+        ws.send_json({"inputs": STEPS_A} | extra)
+        reply = ws.receive_json()
+    assert set(reply) == reply_keys and reply["step_count"] == step_count
+
+
+def test_a_close_frame_with_inputs_closes_without_a_step(client: TestClient) -> None:
+    with client.websocket_connect("/v1/stream?model=tiny") as ws:
+        sid = ws.receive_json()["session_id"]
+        ws.send_json({"inputs": STEPS_A, "close": True})
+        with pytest.raises(WebSocketDisconnect) as info:
+            ws.receive_json()
+    assert info.value.code == 1000
+    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+
+
+def test_a_client_gone_while_the_reply_is_sent_detaches_the_session(client: TestClient) -> None:
+    sent: list[dict[str, Any]] = []
+    incoming = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": json.dumps({"inputs": STEPS_A})},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.send" and sent[1:]:  # the reply to the first frame
+            raise OSError("connection lost")
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/v1/stream",
+        "raw_path": b"/v1/stream",
+        "root_path": "",
+        "query_string": b"model=tiny",
+        "headers": [],
+        "subprotocols": [],
+        "app": client.app,
+    }
+    assert client.portal is not None
+    client.portal.call(client.app, scope, receive, send)  # returns: no error escapes
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send"]
+    sid = json.loads(sent[1]["text"])["session_id"]
+    info = client.get(f"/v1/sessions/{sid}").json()
+    assert (info["state"], info["step_count"]) == ("open", 3)
+
+
+async def test_real_server_replies_in_text_frames(server: LiveServer) -> None:
+    async with websockets.connect(server.ws_url + "?model=tiny") as ws:
+        assert isinstance(await ws.recv(), str)
+        await ws.send(json.dumps({"inputs": STEPS_A}).encode())  # a binary frame is read too
+        reply = await ws.recv()
+    assert isinstance(reply, str) and json.loads(reply)["step_count"] == 3
