@@ -35,7 +35,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from service.runtime import CPU, session_options
-from service.state_pool import FloatArray, SlotAllocator, SlotArray
+from service.state_pool import FloatArray, SlotAllocator, SlotArray, SlotBookkeeping
 
 PREFIX = "rnnserve_pool."
 POOL, SLOTS, POOL_OUT = f"{PREFIX}pool", f"{PREFIX}slots", f"{PREFIX}pool_out"
@@ -239,7 +239,7 @@ def _session(
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
-class DevicePool:
+class DevicePool(SlotBookkeeping):
     """States of all sessions of one model version, resident on ``device`` ("cpu" or "cuda").
 
     The same five methods as ``StatePool`` (``acquire``, ``release``, ``reset``, ``gather``,
@@ -290,14 +290,6 @@ class DevicePool:
         self._to_zero: list[int] = []  # released or reset slots, zeroed before the next device op
         self._book = threading.Lock()  # bookkeeping, held for microseconds
         self._device_lock = threading.Lock()  # device work, held for a whole call
-
-    @property
-    def max_slots(self) -> int:
-        return self._slots.max_slots
-
-    @property
-    def in_use(self) -> int:
-        return self._slots.in_use
 
     # -- bookkeeping (event loop) --------------------------------------------------------------
 

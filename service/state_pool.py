@@ -70,7 +70,21 @@ class SlotAllocator:
         self.in_use -= 1
 
 
-class StatePool:
+class SlotBookkeeping:
+    """What both pools report of their ``SlotAllocator``."""
+
+    _slots: SlotAllocator
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots.max_slots
+
+    @property
+    def in_use(self) -> int:
+        return self._slots.in_use
+
+
+class StatePool(SlotBookkeeping):
     """States of all sessions of one model version: an array (S, L, capacity, m) of float32.
 
     S is the number of state tensors (2 for an LSTM), L the layers, m the hidden size. A session
@@ -93,14 +107,6 @@ class StatePool:
             (num_states, num_layers, capacity, hidden_size), dtype=np.float32
         )
         self._slots = SlotAllocator(max_slots)
-
-    @property
-    def max_slots(self) -> int:
-        return self._slots.max_slots
-
-    @property
-    def in_use(self) -> int:
-        return self._slots.in_use
 
     @property
     def capacity(self) -> int:
