@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import threading
 import time
 import warnings
@@ -25,6 +24,7 @@ import onnx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from loopback import free_port
 from onnx import TensorProto, helper, numpy_helper
 
 from service.app import create_app
@@ -276,13 +276,6 @@ def add_model() -> Callable[[Path, str, int, TinyGRU], Path]:
 @pytest.fixture
 def unused_port() -> int:
     return free_port()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class LiveServer:

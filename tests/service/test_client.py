@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from loopback import HOST, free_port
 
 from service.client import ClientError, RetryPolicy, StreamClient, StreamTarget
 from service.client.__main__ import main
@@ -31,7 +31,6 @@ from service.client.series import SeriesError, iter_text_rows, read_csv_rows
 from training.export import export_model
 from training.model import ModelConfig, RecurrentModel
 
-HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
 
@@ -54,12 +53,6 @@ def _export(models_dir: Path, name: str, input_size: int, seed: int) -> None:
     export_model(RecurrentModel(config), models_dir / name / "1", name=name, version=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def exported_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
@@ -71,7 +64,7 @@ def exported_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextmanager
 def running_server(models_dir: Path, **settings: str) -> Iterator[str]:
     """A real service process with ``RNNSERVE_*`` settings; yields its base URL (http://...)."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "service", "--host", HOST, "--port", str(port)]
     env = os.environ | {
         "RNNSERVE_MODELS_DIR": str(models_dir),
@@ -535,7 +528,7 @@ def test_api_key_is_sent_and_a_wrong_one_is_final(
 def test_unreachable_server_gives_up_after_the_retries(
     csv_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     argv = [
         "stream",
         "--url",

@@ -20,17 +20,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from loopback import free_port
 
 STARTUP_S = 30.0  # bound on how long a process may take to come up (2 shared cores)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:
@@ -46,7 +38,7 @@ class RedisServer:
             )
         self.binary = binary
         self.folder = folder
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +81,7 @@ class ServiceProcess:
     """``python -m service`` on a free loopback port with the Redis session store."""
 
     def __init__(self, models_dir: Path, redis_url: str, log: Path, **settings: Any) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.log = log
         flags = {
             "host": "127.0.0.1",
