@@ -15,6 +15,7 @@ from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from service.batcher import Batcher, ChunkResult
 from service.errors import (
@@ -462,9 +463,12 @@ class DataPlane:
     def parse_chunk(self, model: ServedModel, raw: Any, where: str, allow_flat: bool) -> FloatArray:
         """Turn decoded JSON into a chunk (T, n) of finite float32, or raise naming the problem.
 
-        A flat list of numbers is one step when ``allow_flat``.
+        A flat list of numbers is one step when ``allow_flat``. A float32 array (from a binary
+        protocol) is checked for its shape, length and values without a detour through lists.
         """
         n = model.metadata.input_size
+        if isinstance(raw, np.ndarray):
+            return self._checked_array(raw, where, n)
         if not isinstance(raw, list):
             raise InvalidInput(f"'{where}' must be a list of steps, each a list of {n} numbers")
         if not raw:
@@ -474,6 +478,20 @@ class DataPlane:
         if len(raw) > self.max_steps_per_chunk:
             raise ChunkTooLarge(f"'{where}'", len(raw), self.max_steps_per_chunk)
         return _finite_matrix(raw, where, len(raw), n, row_name="step")
+
+    def _checked_array(self, raw: npt.NDArray[Any], where: str, n: int) -> FloatArray:
+        if raw.dtype != np.float32 or raw.ndim != 2 or raw.shape[1] != n or not len(raw):
+            raise InvalidInput(
+                f"'{where}' must be float32 of shape (steps >= 1, {n}), "
+                f"got {raw.dtype} {tuple(raw.shape)}"
+            )
+        if len(raw) > self.max_steps_per_chunk:
+            raise ChunkTooLarge(f"'{where}'", len(raw), self.max_steps_per_chunk)
+        bad = np.argwhere(~np.isfinite(raw))
+        if bad.size:
+            t, j = bad[0]
+            raise BadRequest(_not_finite(where, t, j, repr(float(raw[t, j]))))
+        return raw
 
     # -- observability ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

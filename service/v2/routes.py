@@ -301,7 +301,7 @@ async def _stateless(
     x = tensors["x"].data
     batch, steps, _ = x.shape
     lengths = _lengths(tensors, batch, steps)
-    sequences = [x[b, : lengths[b]].tolist() for b in range(batch)]
+    sequences = [x[b, : lengths[b]] for b in range(batch)]
     states = _initial_states(tensors, model, batch)
     _, results = await dataplane.predict(
         model.name, sequences, version=model.version, initial_states=states
@@ -323,7 +323,7 @@ async def _sequence(
     version: int | None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
     session_id, result = await table.step(
-        dataplane, flags, caller, model.name, version, tensors["x"].data[0].tolist()
+        dataplane, flags, caller, model.name, version, tensors["x"].data[0]
     )
     y = result.outputs[None]  # (1, T, o)
     states = result.state[:, :, None]  # (S, L, 1, m)

@@ -15,6 +15,7 @@ from typing import Any
 
 from service.dataplane import DataPlane, StepOutput
 from service.errors import BadRequest, NotFound, ServiceError
+from service.state_pool import FloatArray
 
 SequenceId = int | str
 UINT64_MAX = (1 << 64) - 1
@@ -72,7 +73,7 @@ class SequenceTable:
         owner: str | None,
         model: str,
         version: int | None,
-        inputs: list[list[float]],
+        inputs: FloatArray,
     ) -> tuple[str, StepOutput]:
         """Run one chunk of a sequence; returns the session id and the step's result.
 
@@ -92,7 +93,7 @@ class SequenceTable:
         return session_id, output
 
     async def _start(
-        self, dataplane: DataPlane, key: Key, version: int | None, inputs: list[list[float]]
+        self, dataplane: DataPlane, key: Key, version: int | None, inputs: FloatArray
     ) -> tuple[str, StepOutput]:
         owner = key[0]
         session_id = (await dataplane.create_session(key[1], version, owner)).session_id
@@ -125,7 +126,7 @@ class SequenceTable:
         return session_id
 
     async def _continue(
-        self, dataplane: DataPlane, key: Key, session_id: str, inputs: list[list[float]]
+        self, dataplane: DataPlane, key: Key, session_id: str, inputs: FloatArray
     ) -> StepOutput:
         try:
             return await dataplane.step(session_id, inputs, key[0])

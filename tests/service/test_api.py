@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service import sessions
+from service.errors import ServiceError
 
 if TYPE_CHECKING:
     from conftest import TestClient, TinyGRU
@@ -364,3 +365,23 @@ def test_openapi_has_examples_on_every_endpoint(client: TestClient) -> None:
             ref = content["schema"]["$ref"].rsplit("/", 1)[-1]
             assert "examples" in schemas[ref] or ref == "ModelList", (path, ref)
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        pytest.param(np.zeros((2, 3), np.float32), "shape (steps >= 1, 2)", id="features"),
+        pytest.param(np.zeros((0, 2), np.float32), "shape (steps >= 1, 2)", id="empty"),
+        pytest.param(np.zeros((2, 2), np.float64), "must be float32", id="dtype"),
+        pytest.param(np.zeros((65, 2), np.float32), "at most 64 steps", id="too-long"),
+        pytest.param(np.array([[1, np.inf]], np.float32), "'x[0][1]' is inf", id="inf"),
+    ],
+)
+def test_binary_chunks_are_checked_like_json_ones(
+    client: TestClient, array: np.ndarray, message: str
+) -> None:
+    dataplane = client.app.state.dataplane  # type: ignore[attr-defined]
+    model = dataplane.model("tiny")
+    with pytest.raises(ServiceError) as info:
+        dataplane.parse_chunk(model, array, "x", allow_flat=False)
+    assert message in info.value.message
