@@ -31,8 +31,8 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.device_pool import DevicePool, StateLayout
-from service.state_pool import StatePool
+from service.engine.device_pool import DevicePool, StateLayout
+from service.engine.state_pool import StatePool
 
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}

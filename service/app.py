@@ -11,19 +11,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import metrics as metrics_api
 from service.api import errors, rest, ws
+from service.api import metrics as metrics_api
 from service.api.limits import BodySizeLimit
-from service.batcher import Batcher
-from service.dataplane import DataPlane, ModelRepository, ServedModel
-from service.device_pool import DevicePool, StateLayout
-from service.metrics import Metrics
-from service.registry import ModelSpec, scan_models_dir
-from service.runtime import ModelRuntime
-from service.sessions import SessionManager
+from service.engine.batcher import Batcher
+from service.engine.dataplane import DataPlane
+from service.engine.device_pool import DevicePool, StateLayout
+from service.engine.metrics import Metrics
+from service.engine.models import ModelRepository, ServedModel
+from service.engine.registry import ModelSpec, scan_models_dir
+from service.engine.runtime import ModelRuntime
+from service.engine.sessions import SessionManager
+from service.engine.state_pool import SlotPool, StatePool
+from service.engine.store import make_store
 from service.settings import Settings
-from service.state_pool import SlotPool, StatePool
-from service.store import make_store
 from service.v2 import routes as v2_routes
 from service.v2.sequences import SequenceTable
 

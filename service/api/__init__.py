@@ -1,1 +1,1 @@
-"""Protocol layers: thin translations between a wire protocol and ``service.dataplane``."""
+"""Protocol layers: thin translations between a wire protocol and ``service.engine.dataplane``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from service.errors import Unauthorized
+from service.engine.errors import Unauthorized
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from service.api.responses import error_response
-from service.errors import ServiceError
+from service.engine.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.responses import error_response
-from service.errors import BodyTooLarge
+from service.engine.errors import BodyTooLarge
 
 
 class BodySizeLimit:

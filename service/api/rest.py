@@ -10,8 +10,9 @@ from starlette.responses import Response
 from service.api import schemas
 from service.api.auth import identify
 from service.api.responses import OrjsonResponse
-from service.dataplane import DataPlane, SequenceOutput, ServedModel, SessionInfo
-from service.errors import NotReady
+from service.engine.dataplane import DataPlane, SequenceOutput, SessionInfo
+from service.engine.errors import NotReady
+from service.engine.models import ServedModel
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorBody, "description": text}

@@ -19,8 +19,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from service.api.auth import identify
 from service.api.responses import dumps
-from service.dataplane import DataPlane, SessionInfo
-from service.errors import BadRequest, InvalidInput, ServiceError
+from service.engine.dataplane import DataPlane, SessionInfo
+from service.engine.errors import BadRequest, InvalidInput, ServiceError
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

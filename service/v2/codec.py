@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import BadRequest
+from service.engine.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -18,8 +18,9 @@ from starlette.responses import Response
 
 from service.api.responses import OrjsonResponse
 from service.api.rest import Caller, Plane, get_caller
-from service.dataplane import DataPlane, ServedModel
-from service.errors import BadRequest, InvalidInput, NotReady, PayloadTooLarge
+from service.engine.dataplane import DataPlane
+from service.engine.errors import BadRequest, InvalidInput, NotReady, PayloadTooLarge
+from service.engine.models import ServedModel
 from service.v2 import schemas
 from service.v2.codec import (
     HEADER_LENGTH,

@@ -13,9 +13,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-from service.dataplane import DataPlane, StepOutput
-from service.errors import BadRequest, NotFound, ServiceError
-from service.state_pool import FloatArray
+from service.engine.dataplane import DataPlane, StepOutput
+from service.engine.errors import BadRequest, NotFound, ServiceError
+from service.engine.state_pool import FloatArray
 
 SequenceId = int | str
 UINT64_MAX = (1 << 64) - 1

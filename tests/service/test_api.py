@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pytest
 
-from service import sessions
-from service.errors import ServiceError
+from service.engine import sessions
+from service.engine.errors import ServiceError
 
 if TYPE_CHECKING:
     from conftest import TestClient, TinyGRU

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, ChunkResult
-from service.errors import InferenceFailed, QueueFull, Unavailable
-from service.registry import read_model_dir
-from service.runtime import FloatArray, ModelRuntime, RunOutput
-from service.state_pool import StatePool
+from service.engine.batcher import Batcher, ChunkResult
+from service.engine.errors import InferenceFailed, QueueFull, Unavailable
+from service.engine.registry import read_model_dir
+from service.engine.runtime import FloatArray, ModelRuntime, RunOutput
+from service.engine.state_pool import StatePool
 
 if TYPE_CHECKING:
     from conftest import TinyGRU

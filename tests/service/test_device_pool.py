@@ -14,17 +14,17 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from service.batcher import Batcher
-from service.device_pool import (
+from service.engine.batcher import Batcher
+from service.engine.device_pool import (
     DevicePool,
     DevicePoolError,
     StateLayout,
     fused_step_model,
 )
-from service.errors import SessionLimitReached
-from service.registry import read_model_dir
-from service.runtime import ModelRuntime
-from service.state_pool import StatePool
+from service.engine.errors import SessionLimitReached
+from service.engine.registry import read_model_dir
+from service.engine.runtime import ModelRuntime
+from service.engine.state_pool import StatePool
 
 if TYPE_CHECKING:
     from conftest import TestClient, TinyGRU

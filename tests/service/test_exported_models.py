@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.registry import read_model_dir
+from service.engine.registry import read_model_dir
 from training.export import export_model
 from training.model import ModelConfig, RecurrentModel
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import LATENCIES_S, LatencyHistogram
+from service.engine.metrics import LATENCIES_S, LatencyHistogram
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient

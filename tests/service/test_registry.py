@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import onnx
 import pytest
 
-from service.registry import read_model_dir, scan_models_dir
+from service.engine.registry import read_model_dir, scan_models_dir
 
 if TYPE_CHECKING:
     from conftest import TestClient, TinyGRU

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.runtime import session_options
+from service.engine.runtime import session_options
 
 SPINNING = "session.intra_op.allow_spinning"
 

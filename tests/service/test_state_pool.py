@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from service.errors import SessionLimitReached
-from service.state_pool import StatePool
+from service.engine.errors import SessionLimitReached
+from service.engine.state_pool import StatePool
 
 
 def make_pool(max_slots: int = 10, initial_capacity: int = 2) -> StatePool:

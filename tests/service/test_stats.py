@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.stats import LatencyRing
+from service.engine.stats import LatencyRing
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
-from service.store import codec
+from service.engine.store import codec
 
 if TYPE_CHECKING:
     from conftest import RedisServer, ServiceProcess, TinyGRU

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from service.app import create_app
-from service.dataplane import DataPlane
+from service.engine.dataplane import DataPlane
+from service.engine.store import SessionRecord, codec
+from service.engine.store.errors import CorruptRecord
 from service.settings import Settings
-from service.store import SessionRecord, codec
-from service.store.errors import CorruptRecord
 
 if TYPE_CHECKING:
     from conftest import RedisServer, TinyGRU

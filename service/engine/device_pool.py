@@ -34,8 +34,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from service.runtime import CPU, session_options
-from service.state_pool import FloatArray, SlotAllocator, SlotArray, SlotBookkeeping
+from service.engine.runtime import CPU, session_options
+from service.engine.state_pool import FloatArray, SlotAllocator, SlotArray, SlotBookkeeping
 
 PREFIX = "rnnserve_pool."
 POOL, SLOTS, POOL_OUT = f"{PREFIX}pool", f"{PREFIX}slots", f"{PREFIX}pool_out"

@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import SessionLimitReached
+from service.engine.errors import SessionLimitReached
 
 FloatArray = npt.NDArray[np.float32]
 SlotArray = npt.NDArray[np.intp]
@@ -16,7 +16,7 @@ SlotArray = npt.NDArray[np.intp]
 class SlotPool(Protocol):
     """What sessions, the data plane and the batcher need of a state pool, host or device.
 
-    Implemented by ``StatePool`` (numpy, on the host) and ``service.device_pool.DevicePool``
+    Implemented by ``StatePool`` (numpy, on the host) and ``service.engine.device_pool.DevicePool``
     (OrtValues on the model's device). ``gather`` and ``scatter`` copy to and from the host.
     """
 
@@ -91,7 +91,7 @@ class StatePool(SlotBookkeeping):
     owns one slot; a freed slot is zeroed and reused. Capacity doubles when full, up to
     ``max_slots``; fresh pages come from ``np.zeros`` and cost no resident memory until written.
     The pool is used from the event loop thread only, so it needs no lock. The device-resident
-    version is ``service.device_pool.DevicePool``.
+    version is ``service.engine.device_pool.DevicePool``.
     """
 
     def __init__(

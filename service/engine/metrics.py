@@ -1,4 +1,4 @@
-"""Prometheus metrics at ``GET /metrics``, in a registry of the app's own (no global state).
+"""Prometheus metrics, in a registry of the app's own (no global state); served at ``/metrics``.
 
 Counters and histograms are updated as requests pass; gauges (sessions, queue depth, provider,
 store counters) are read from the data plane when Prometheus scrapes.
@@ -11,10 +11,9 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import accumulate
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,17 +23,23 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from starlette.responses import Response
 
-from service.errors import ServiceError
-
-if TYPE_CHECKING:
-    from service.dataplane import DataPlane, ServedModel
+from service.engine.errors import ServiceError
+from service.engine.models import ServedModel
+from service.engine.sessions import SessionManager
+from service.engine.store import SessionStore
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 LATENCIES_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
-router = APIRouter()
+
+class MetricsSource(Protocol):
+    """What the gauges are read from at scrape time (the data plane)."""
+
+    sessions: SessionManager
+    store: SessionStore | None
+
+    def served_models(self) -> list[ServedModel]: ...
 
 
 class Metrics:
@@ -89,7 +94,7 @@ class Metrics:
         sizes = self.batch_size.labels(model.name, str(model.version))
         model.batcher.stats.batch_listeners.append(lambda size, _failed: sizes.observe(size))
 
-    def watch(self, dataplane: Callable[[], DataPlane | None]) -> None:
+    def watch(self, dataplane: Callable[[], MetricsSource | None]) -> None:
         """Export the data plane's gauges at scrape time (``dataplane()`` may be None early)."""
         self.registry.register(_DataPlaneCollector(dataplane))
 
@@ -179,7 +184,7 @@ class LatencyHistogram(Collector):
 
 
 class _DataPlaneCollector(Collector):
-    def __init__(self, dataplane: Callable[[], DataPlane | None]) -> None:
+    def __init__(self, dataplane: Callable[[], MetricsSource | None]) -> None:
         self._dataplane = dataplane
 
     def collect(self) -> Iterable[Metric]:
@@ -193,7 +198,7 @@ class _DataPlaneCollector(Collector):
         ]
 
 
-def _session_metrics(dataplane: DataPlane) -> list[Metric]:
+def _session_metrics(dataplane: MetricsSource) -> list[Metric]:
     active = GaugeMetricFamily(
         "rnnserve_sessions_active", "Sessions held in this replica's memory."
     )
@@ -208,7 +213,7 @@ def _session_metrics(dataplane: DataPlane) -> list[Metric]:
     return [active, evictions]
 
 
-def _model_metrics(dataplane: DataPlane) -> list[Metric]:
+def _model_metrics(dataplane: MetricsSource) -> list[Metric]:
     labels = ["model", "version"]
     depth = GaugeMetricFamily(
         "rnnserve_queue_depth", "Chunks waiting for a batch, per model version.", labels=labels
@@ -229,7 +234,7 @@ def _model_metrics(dataplane: DataPlane) -> list[Metric]:
     return [depth, slots, provider]
 
 
-def _store_metrics(dataplane: DataPlane) -> list[Metric]:
+def _store_metrics(dataplane: MetricsSource) -> list[Metric]:
     if dataplane.store is None:
         return []
     stats = dataplane.store.stats
@@ -245,10 +250,3 @@ def _store_metrics(dataplane: DataPlane) -> list[Metric]:
         family.add_metric([], getattr(stats, name))
         families.append(family)
     return families
-
-
-@router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this replica's metrics."""
-    registry: Metrics = request.app.state.metrics
-    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)

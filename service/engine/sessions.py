@@ -9,17 +9,14 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
 
-from service.errors import (
+from service.engine.errors import (
     SessionExpired,
     SessionLimitReached,
     SessionNotFound,
     SessionStateConflict,
 )
-
-if TYPE_CHECKING:
-    from service.dataplane import ServedModel
+from service.engine.models import ServedModel
 
 logger = logging.getLogger(__name__)
 

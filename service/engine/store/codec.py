@@ -10,8 +10,8 @@ import struct
 import numpy as np
 import orjson
 
-from service.store.base import SessionRecord
-from service.store.errors import CorruptRecord
+from service.engine.store.base import SessionRecord
+from service.engine.store.errors import CorruptRecord
 
 MAGIC = b"RNS1"
 _LENGTH = struct.Struct("<H")

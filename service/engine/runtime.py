@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from service.registry import ModelSpec
+from service.engine.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ response goes out, so any replica can continue any session and a restart loses n
 
 from __future__ import annotations
 
-from service.store.base import SessionRecord, SessionStore, StoreStats
-from service.store.errors import SessionConflict, SessionModelNotServed, StoreUnavailable
-from service.store.factory import make_store
+from service.engine.store.base import SessionRecord, SessionStore, StoreStats
+from service.engine.store.errors import SessionConflict, SessionModelNotServed, StoreUnavailable
+from service.engine.store.factory import make_store
 
 __all__ = [
     "SessionConflict",

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 from pydantic import ValidationError
 
-from service.metadata import MODEL_NAME_PATTERN, ModelMetadata
+from service.engine.metadata import MODEL_NAME_PATTERN, ModelMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from service.engine.store.base import SessionStore
+from service.engine.store.redis import RedisStore
 from service.settings import Settings
-from service.store.base import SessionStore
-from service.store.redis import RedisStore
 
 
 def make_store(settings: Settings) -> SessionStore | None:

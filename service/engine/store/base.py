@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.runtime import FloatArray
+from service.engine.runtime import FloatArray
 
 
 @dataclass(frozen=True)

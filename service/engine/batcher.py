@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.device_pool import DevicePool
-from service.errors import InferenceFailed, QueueFull, ServiceError, Unavailable
-from service.runtime import FloatArray, ModelRuntime
-from service.state_pool import SlotPool
-from service.stats import BatcherStats
+from service.engine.device_pool import DevicePool
+from service.engine.errors import InferenceFailed, QueueFull, ServiceError, Unavailable
+from service.engine.runtime import FloatArray, ModelRuntime
+from service.engine.state_pool import SlotPool
+from service.engine.stats import BatcherStats
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, TypeVar
@@ -17,26 +16,24 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from service.batcher import Batcher, ChunkResult
-from service.errors import (
+from service.engine.batcher import ChunkResult
+from service.engine.errors import (
     BadRequest,
     ChunkTooLarge,
     InvalidInput,
-    ModelNotFound,
     NotFound,
     NotReady,
     ServiceError,
     SessionTakenOver,
-    VersionNotFound,
 )
-from service.metadata import ModelMetadata
-from service.metrics import Metrics
-from service.runtime import FloatArray
-from service.sessions import LIVE, Session, SessionManager, SessionState
-from service.state_pool import SlotArray, SlotPool
-from service.store import SessionModelNotServed, SessionRecord, SessionStore
-from service.store.base import owner_hash
-from service.store.errors import SessionBusy, StoredSessionNotFound, StoredSessionUnreadable
+from service.engine.metrics import Metrics
+from service.engine.models import ModelRepository, ServedModel
+from service.engine.runtime import FloatArray
+from service.engine.sessions import LIVE, Session, SessionManager, SessionState
+from service.engine.state_pool import SlotArray
+from service.engine.store import SessionModelNotServed, SessionRecord, SessionStore
+from service.engine.store.base import owner_hash
+from service.engine.store.errors import SessionBusy, StoredSessionNotFound, StoredSessionUnreadable
 
 T = TypeVar("T")
 NUMBER_TYPES = frozenset({int, float})  # bool is not a number here, nor a numeric string
@@ -44,38 +41,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 FLOAT64_MAX = float(np.finfo(np.float64).max)
 SMALL_MATRIX = 64  # values checked in Python below this size; numpy is faster above it
 EVICTED_RETRIES = 3  # a step whose session is dropped from memory while it waits reloads it
-
-
-@dataclass(eq=False)
-class ServedModel:
-    """A loaded model version: metadata, runtime, state pool and batcher."""
-
-    metadata: ModelMetadata
-    batcher: Batcher
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
-
-    @property
-    def version(self) -> int:
-        return self.metadata.version
-
-    @property
-    def pool(self) -> SlotPool:
-        return self.batcher.pool
-
-    @property
-    def provider(self) -> str:
-        return self.batcher.runtime.provider
-
-    def describe(self) -> dict[str, Any]:
-        """Metadata plus the execution providers actually in use."""
-        return {
-            **self.metadata.public_dict(),
-            "provider": self.provider,
-            "providers": self.batcher.runtime.providers,
-        }
 
 
 @dataclass(frozen=True)
@@ -117,35 +82,6 @@ class StepOutput:
 class SequenceOutput:
     outputs: FloatArray  # (T, o)
     state: FloatArray  # (S, L, m): the state after the last step
-
-
-class ModelRepository:
-    """Served models by name and version."""
-
-    def __init__(self, models: Sequence[ServedModel]) -> None:
-        self._models: dict[str, dict[int, ServedModel]] = {}
-        for model in models:
-            self._models.setdefault(model.name, {})[model.version] = model
-
-    def __iter__(self) -> Any:
-        for name in sorted(self._models):
-            yield from (self._models[name][v] for v in sorted(self._models[name]))
-
-    def versions(self, name: str) -> list[ServedModel]:
-        if name not in self._models:
-            raise ModelNotFound(name, self._models)
-        return [self._models[name][v] for v in sorted(self._models[name])]
-
-    def get(self, name: str, version: int | None = None) -> ServedModel:
-        """The model version, or the highest version when ``version`` is None."""
-        versions = self._models.get(name)
-        if versions is None:
-            raise ModelNotFound(name, self._models)
-        if version is None:
-            return versions[max(versions)]
-        if version not in versions:
-            raise VersionNotFound(name, version, versions)
-        return versions[version]
 
 
 class DataPlane:

@@ -21,9 +21,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.store import codec
-from service.store.base import SessionRecord, StoreStats
-from service.store.errors import (
+from service.engine.store import codec
+from service.engine.store.base import SessionRecord, StoreStats
+from service.engine.store.errors import (
     CorruptRecord,
     SessionConflict,
     StoredSessionUnreadable,

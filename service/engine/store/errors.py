@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from service.errors import Conflict, NotFound, ServiceError, Unavailable
+from service.engine.errors import Conflict, NotFound, ServiceError, Unavailable
 
 
 class StoreUnavailable(Unavailable):
