@@ -262,7 +262,7 @@ class Batcher:
         return x, lengths, states, rows, slots
 
     def _resolve(self, batch: list[Chunk], out: BatchOutput, now: float) -> None:
-        self.stats.record_batch(len(batch), failed=False)
+        self.stats.record_batch(len(batch), failed=False, steps=sum(len(c.x) for c in batch))
         self.stats.step_latency.add_many([now - chunk.enqueued_at for chunk in batch])
         ys = np.ascontiguousarray(out.y)  # (B, T, o): each row's first steps are contiguous
         steps = ys.shape[1]

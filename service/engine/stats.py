@@ -44,17 +44,21 @@ class BatcherStats:
         self.batches = 0
         self.failed_batches = 0
         self.chunks = 0
+        self.steps = 0  # session-steps run (a chunk of T steps counts T)
         self.max_batch_size = 0
         self.queue_delay = LatencyRing()
         self.step_latency = LatencyRing()
         self.batch_listeners: list[Callable[[int, bool], None]] = []  # e.g. a metrics histogram
 
-    def record_batch(self, size: int, failed: bool) -> None:
+    def record_batch(self, size: int, failed: bool, steps: int = 0) -> None:
+        """Count a batch of ``size`` chunks holding ``steps`` session-steps in all."""
         for listener in self.batch_listeners:
             listener(size, failed)
         self.batches += 1
         self.failed_batches += int(failed)
         self.chunks += size
+        if not failed:
+            self.steps += steps
         self.max_batch_size = max(self.max_batch_size, size)
 
     def summary(self) -> dict[str, Any]:
@@ -62,6 +66,7 @@ class BatcherStats:
             "batches": self.batches,
             "failed_batches": self.failed_batches,
             "chunks": self.chunks,
+            "steps": self.steps,
             "batch_size_mean": self.chunks / self.batches if self.batches else None,
             "batch_size_max": self.max_batch_size,
             "queue_delay_ms": self.queue_delay.summary(),

@@ -344,6 +344,7 @@ def test_stats_count_batches(client: TestClient) -> None:
     assert stats["sessions"] == 1
     tiny2 = next(m for m in stats["models"] if m["version"] == 2)
     assert tiny2["batches"] == 1 and tiny2["chunks"] == 1 and tiny2["sessions"] == 1
+    assert tiny2["steps"] == len(STEP_A)
     assert tiny2["step_latency_ms"]["p50"] > 0
 
 
