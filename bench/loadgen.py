@@ -536,6 +536,13 @@ class Row:
     server_cpu: float  # cores used by the server process
     mean_batch: float  # chunks per ONNX Runtime call over the run
 
+    @property
+    def server_us_per_step(self) -> float:
+        """The server's CPU time per answered step, in microseconds."""
+        if not self.steps_per_s:
+            return math.nan
+        return self.server_cpu / self.steps_per_s * 1e6
+
 
 def summarise(target: str, spec: DriveSpec, drive: Drive, mismatches: int) -> Row:
     """Throughput and latency over the counted window, [warmup, duration)."""
@@ -663,7 +670,8 @@ async def _open_idle_sessions(port: int, model: Model, count: int, connections: 
 
 HEADER = (
     f"{'target':<8}{'mode':<6}{'sessions':>9}{'steps/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
-    f"{'errors':>8}{'mismatch':>10}{'checked':>10}{'gen cpu':>9}{'srv cpu':>9}{'batch':>7}"
+    f"{'errors':>8}{'mismatch':>10}{'checked':>10}{'gen cpu':>9}{'srv cpu':>9}{'us/step':>9}"
+    f"{'batch':>7}"
 )
 
 
@@ -671,7 +679,8 @@ def format_row(row: Row) -> str:
     return (
         f"{row.target:<8}{row.mode:<6}{row.sessions:>9}{row.steps_per_s:>11,.0f}"
         f"{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}{row.mismatches:>10}{row.steps:>10,}"
-        f"{row.generator_cpu:>9.2f}{_number(row.server_cpu, 9, 2)}{_number(row.mean_batch, 7, 1)}"
+        f"{row.generator_cpu:>9.2f}{_number(row.server_cpu, 9, 2)}"
+        f"{_number(row.server_us_per_step, 9, 1)}{_number(row.mean_batch, 7, 1)}"
     )
 
 

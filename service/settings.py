@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     """Connect and reply timeout for Redis; past it a request fails with 503."""
     shutdown_timeout_s: int = Field(default=10, ge=0)
     """On SIGTERM, seconds for requests and batches in flight to finish; then they are cancelled."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """Seconds a request body may take to arrive; a slower or stalled upload answers 408 and its
+    connection is closed."""
+    fast_paths: bool = True
+    """Serve the per-step endpoints (``POST /v1/sessions/{id}/steps``, V2 ``infer``) by raw ASGI
+    handlers ahead of FastAPI's routing; false routes them through FastAPI like every other
+    endpoint (same answers, more CPU per step; for comparison)."""
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 async def service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
-    response: Response = error_response(exc.status_code, exc.message, exc.headers)
+    response: Response = error_response(exc.status_code, exc.message, exc.headers, exc.details)
     return response
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,23 @@ def _fallback(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
+def loads(data: str | bytes) -> Any:
+    """Decode a JSON request with orjson; what orjson refuses gets the standard library's reading.
+
+    The second reading keeps the API's messages for values orjson does not take (``NaN`` and
+    ``Infinity`` literals, integers beyond 64 bits), which the data plane then names precisely.
+    Raises ``ValueError`` (with the first parser's reason) when the text is not JSON at all, or
+    is nested too deeply to read.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError):
+            raise ValueError(str(exc)) from None
+
+
 def dumps(content: Any) -> bytes:
     return orjson.dumps(content, default=_fallback, option=ORJSON_OPTIONS)
 
@@ -27,5 +45,12 @@ class OrjsonResponse(JSONResponse):
         return dumps(content)
 
 
-def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> Any:
-    return OrjsonResponse({"error": message}, status_code=status_code, headers=headers)
+def error_response(
+    status_code: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    details: Mapping[str, object] | None = None,
+) -> Any:
+    """``{"error": message, **details}`` with the status and headers."""
+    body = {"error": message, **(details or {})}
+    return OrjsonResponse(body, status_code=status_code, headers=headers)

@@ -20,7 +20,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "malformed JSON, non-numeric, NaN or infinite values",
         401: "missing or wrong API key",
         404: "unknown model, version or session, or an expired session",
-        409: "the session is not in a state that allows this",
+        408: "the request body did not arrive in time (the connection is closed)",
+        409: "the session is not in a state that allows this, or it is not at the "
+        "expected_step_count (the body then carries its step_count)",
         413: "request body or chunk over the limit",
         422: "wrong shapes: feature count, empty inputs, missing fields",
         503: "not ready, too many sessions or queue full (with Retry-After)",
@@ -141,8 +143,12 @@ async def get_session(session_id: str, dataplane: Plane, caller: Caller) -> Resp
 async def step(
     session_id: str, body: schemas.StepBody, dataplane: Plane, caller: Caller
 ) -> Response:
-    """Feed the next chunk of T observations; the state carries over from the previous chunk."""
-    result = await dataplane.step(session_id, body.inputs, caller)
+    """Feed the next chunk of T observations; the state carries over from the previous chunk.
+
+    Served by ``service.api.hot`` ahead of FastAPI's routing unless ``fast_paths`` is off."""
+    result = await dataplane.step(
+        session_id, body.inputs, caller, expected_step_count=body.expected_step_count
+    )
     return OrjsonResponse({"outputs": result.outputs, "step_count": result.step_count})
 
 

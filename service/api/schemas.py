@@ -22,7 +22,14 @@ Sequences = Annotated[list[Any], WithJsonSchema(SEQUENCES_SCHEMA)]
 
 
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
     error: str = Field(examples=["model 'nope' not found; available models: co2-forecaster"])
+    step_count: int | None = Field(
+        default=None,
+        description="with 409 for a step-count mismatch, and with 503 when a step's outcome is "
+        "unknown: the session's current (or last known) step count",
+    )
 
 
 class CreateSession(BaseModel):
@@ -36,10 +43,20 @@ class CreateSession(BaseModel):
 
 class StepBody(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"inputs": [[315.4], [315.9], [316.2]]}]}
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"inputs": [[315.4], [315.9], [316.2]], "expected_step_count": 12}]
+        },
     )
 
     inputs: Steps
+    expected_step_count: int | None = Field(
+        default=None,
+        ge=0,
+        strict=True,
+        description="the step count the session must be at, or the step is not applied and the "
+        "answer is 409 with the session's `step_count` (safe retries); default: no check",
+    )
 
 
 class PredictBody(BaseModel):

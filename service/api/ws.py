@@ -160,7 +160,7 @@ async def _reply(frames: _Frames, message: Message, limit: int) -> Message:
     except ServiceError as exc:
         if exc.status_code in FATAL_STATUSES:
             return _close_message(exc.close_code, exc.message)
-        reply = {"error": exc.message}
+        reply = exc.body()
     return {"type": "websocket.send", "text": dumps(reply).decode()}
 
 

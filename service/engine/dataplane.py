@@ -25,6 +25,7 @@ from service.engine.errors import (
     NotReady,
     ServiceError,
     SessionTakenOver,
+    StepCountMismatch,
 )
 from service.engine.metrics import Metrics
 from service.engine.models import ModelRepository, ServedModel
@@ -207,14 +208,23 @@ class DataPlane:
                 return self._info(session)
 
     async def step(
-        self, session_id: str, inputs: Any, owner: str | None, attachment: int | None = None
+        self,
+        session_id: str,
+        inputs: Any,
+        owner: str | None,
+        attachment: int | None = None,
+        *,
+        expected_step_count: int | None = None,
     ) -> StepOutput:
         """Run one chunk (T, n) on a session; steps of one session run one at a time, in order.
 
         With ``attachment`` (a websocket), the step fails with 409 if another connection took over.
-        A rejected or failed step leaves the state and ``step_count`` exactly as they were. With a
-        durable store the new state is stored before this returns; if another replica advanced
-        the session meanwhile the step fails with 409 and the stored state stands.
+        With ``expected_step_count``, it fails with 409 (and the session's ``step_count``) unless
+        the session is at exactly that count: a client that retries a step whose answer it never
+        got cannot apply it twice. A rejected or failed step leaves the state and ``step_count``
+        exactly as they were. With a durable store the new state is stored before this returns;
+        if another replica advanced the session meanwhile the step fails with 409 and the stored
+        state stands.
         """
         with self.metrics.track("step"):
             for _ in range(EVICTED_RETRIES):
@@ -228,18 +238,22 @@ class DataPlane:
                         continue  # dropped from memory while we waited: load it again
                     self._check_live(session, attachment)
                     if self.store is None:  # the common case: one future, no extra task
+                        _check_step_count(session, expected_step_count)
                         started = time.perf_counter()
                         result = await self._submit(session, x)  # not cancellable: StepFuture
                         return self._stepped(session, result, started)
-                    task = asyncio.ensure_future(self._advance(session, x))
+                    task = asyncio.ensure_future(self._advance(session, x, expected_step_count))
                     return await _finish_even_if_cancelled(task)
             raise SessionBusy(session_id)
 
-    async def _advance(self, session: Session, x: FloatArray) -> StepOutput:
+    async def _advance(
+        self, session: Session, x: FloatArray, expected_step_count: int | None
+    ) -> StepOutput:
         """Run the chunk from the current state and store the result (the session lock is held)."""
         assert self.store is not None
         started = time.perf_counter()
         await self._refresh(session)
+        _check_step_count(session, expected_step_count)
         result = await self._submit(session, x)
         try:
             await self._save(session, result.state)
@@ -446,6 +460,11 @@ class DataPlane:
                 }
             )
         return {"sessions": len(self.sessions), "models": models}
+
+
+def _check_step_count(session: Session, expected: int | None) -> None:
+    if expected is not None and expected != session.step_count:
+        raise StepCountMismatch(session.id, expected, session.step_count)
 
 
 def _zero_state(model: ServedModel) -> FloatArray:

@@ -1,6 +1,7 @@
 """Errors of the service: one base class carrying the HTTP status and the websocket close code.
 
-Every error reaches the client as ``{"error": "<message>"}`` with ``status_code``. On the websocket,
+Every error reaches the client as ``{"error": "<message>", **details}`` with ``status_code`` (most
+errors have no details; a step-count conflict adds the session's ``step_count``). On the websocket,
 errors about one frame are answered with an error frame and the connection stays open; errors about
 the connection or its session close it with ``4000 + status_code`` (see ``CLOSE_CODES``).
 """
@@ -31,9 +32,14 @@ class ServiceError(Exception):
     status_code: int = 500
     retry_after_s: int | None = None  # sent as Retry-After with 503s
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details  # extra fields of the error body, beside "error"
+
+    def body(self) -> dict[str, object]:
+        """The JSON error body: ``{"error": message}`` plus the details."""
+        return {"error": self.message, **self.details}
 
     @property
     def close_code(self) -> int:
@@ -96,6 +102,17 @@ class SessionStateConflict(Conflict):
         super().__init__(f"session {session_id!r} is {found.value}; expected {wanted}")
 
 
+class StepCountMismatch(Conflict):
+    """A step sent with ``expected_step_count`` found the session elsewhere; nothing was applied."""
+
+    def __init__(self, session_id: str, expected: int, found: int) -> None:
+        super().__init__(
+            f"session {session_id!r} is at step {found}, not {expected} as the request expected; "
+            "this step was not applied (a retry of a step that was already applied can skip it)",
+            step_count=found,
+        )
+
+
 class SessionTakenOver(Conflict):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} was taken over by a newer connection")
@@ -113,6 +130,22 @@ class ChunkTooLarge(PayloadTooLarge):
 class BodyTooLarge(PayloadTooLarge):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body is larger than the limit of {limit} bytes")
+
+
+class RequestTimeout(ServiceError):
+    """The client stopped sending its request body; the connection is closed after the answer."""
+
+    status_code = 408
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"the request body did not arrive within {timeout_s:g} s (it may be shorter than "
+            "its Content-Length); the connection is closed"
+        )
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class InvalidInput(ServiceError):

@@ -15,13 +15,10 @@ from starlette.responses import Response
 
 from service.api.responses import OrjsonResponse
 from service.api.rest import Caller, Plane, get_caller
+from service.engine.dataplane import DataPlane
 from service.engine.errors import BadRequest, NotReady, PayloadTooLarge
 from service.v2 import describe, schemas
-from service.v2.codec import (
-    HEADER_LENGTH,
-    decode_request,
-    encode_response,
-)
+from service.v2.codec import HEADER_LENGTH, InferRequest, decode_request, encode_response
 from service.v2.infer import run_infer
 from service.v2.sequences import SequenceTable
 
@@ -99,26 +96,45 @@ async def infer(
     caller: Caller,
     version: int | None = None,
 ) -> Response:
-    """Run ``x`` (FP32 [batch, time, input_size]); with ``sequence_id`` the state carries over."""
-    body = _decompress(await request.body(), request)
-    decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
-    result = await run_infer(dataplane, sequences, name, version, decoded, caller)
-    header: dict[str, Any] = {"model_name": name, "model_version": str(result.model.version)}
-    if decoded.id is not None:
-        header["id"] = decoded.id
-    header["parameters"] = result.parameters
-    content, headers = encode_response(header, result.outputs, decoded)
+    """Run ``x`` (FP32 [batch, time, input_size]); with ``sequence_id`` the state carries over.
+
+    Served by ``service.api.hot`` ahead of FastAPI's routing unless ``fast_paths`` is off; both
+    call ``infer_response``.
+    """
+    encoding = request.headers.get("content-encoding")
+    length = request.headers.get(HEADER_LENGTH)
+    limit = request.app.state.settings.max_request_bytes
+    body = decompress(await request.body(), encoding, limit)
+    content, headers = await infer_response(
+        dataplane, sequences, name, version, decode_request(body, length), caller
+    )
     return Response(content=content, headers=headers)
 
 
-def _decompress(body: bytes, request: Request) -> bytes:
-    """Undo a ``Content-Encoding`` of gzip or deflate, bounded by the request size limit."""
-    encoding = request.headers.get("content-encoding", "identity").lower()
+async def infer_response(
+    dataplane: DataPlane,
+    sequences: SequenceTable,
+    name: str,
+    version: int | None,
+    request: InferRequest,
+    caller: str | None,
+) -> tuple[bytes, dict[str, str]]:
+    """Run a decoded request; return the response body and its headers (HTTP front ends)."""
+    result = await run_infer(dataplane, sequences, name, version, request, caller)
+    header: dict[str, Any] = {"model_name": name, "model_version": str(result.model.version)}
+    if request.id is not None:
+        header["id"] = request.id
+    header["parameters"] = result.parameters
+    return encode_response(header, result.outputs, request)
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo a ``Content-Encoding`` of gzip or deflate, bounded by the request size ``limit``."""
+    encoding = (encoding or "identity").lower()
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
         raise BadRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
-    limit: int = request.app.state.settings.max_request_bytes
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         data = inflater.decompress(body, limit + 1)

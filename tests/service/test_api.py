@@ -236,6 +236,57 @@ def test_bad_step_is_rejected_and_leaves_the_state(
     np.testing.assert_allclose(after["outputs"], tiny.run(STEP_A + STEP_B)[0][3:], atol=1e-5)
 
 
+PARITY_CASES = [
+    *BAD_STEPS,
+    pytest.param(b"", 422, "the request body is missing", id="no-body"),
+    pytest.param({"inputs": STEP_A, "expected_step_count": -1}, 422, "greater than", id="neg"),
+    pytest.param({"inputs": STEP_A, "expected_step_count": "3"}, 422, "valid integer", id="str"),
+    pytest.param({"inputs": STEP_A, "expected_step_count": 2}, 409, "is at step 0", id="count"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), PARITY_CASES)
+def test_the_raw_step_path_answers_as_the_fastapi_route(
+    make_client: Callable[..., TestClient], body: Any, status: int, message: str
+) -> None:
+    """The per-step handler that runs ahead of FastAPI gives the route's statuses and messages."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answers = []
+    for fast in (True, False):
+        client = make_client(fast_paths=fast)
+        sid = create(client)
+        response = client.post(
+            f"/v1/sessions/{sid}/steps",
+            content=content,
+            headers={"content-type": "application/json"},
+        )
+        answer = json.loads(response.text.replace(sid, "SESSION"))
+        answers.append((response.status_code, answer))
+    (fast_status, fast_body), (routed_status, routed_body) = answers
+    assert fast_status == routed_status == status
+    assert message in fast_body["error"] and message in routed_body["error"]
+    if "malformed" not in message:  # the two JSON parsers word syntax errors differently
+        assert fast_body == routed_body
+
+
+def test_a_step_applies_only_at_the_expected_step_count(client: TestClient, tiny: TinyGRU) -> None:
+    sid = create(client)
+    first = client.post(
+        f"/v1/sessions/{sid}/steps", json={"inputs": STEP_A, "expected_step_count": 0}
+    )
+    assert first.status_code == 200 and first.json()["step_count"] == 3
+    retry = client.post(  # the same request again, e.g. after a lost answer: not applied twice
+        f"/v1/sessions/{sid}/steps", json={"inputs": STEP_A, "expected_step_count": 0}
+    )
+    assert retry.status_code == 409
+    assert retry.json()["step_count"] == 3 and "is at step 3, not 0" in retry.json()["error"]
+    after = client.post(
+        f"/v1/sessions/{sid}/steps", json={"inputs": STEP_B, "expected_step_count": 3}
+    )
+    assert after.status_code == 200 and after.json()["step_count"] == 5
+    np.testing.assert_allclose(after.json()["outputs"], tiny.run(STEP_A + STEP_B)[0][3:], atol=1e-5)
+
+
 def test_body_over_the_limit_is_rejected_while_streaming(client: TestClient) -> None:
     sid = create(client)
 

@@ -334,3 +334,72 @@ def test_compressed_bomb_is_refused(live: Any) -> None:
     )
     assert response.status_code == 413
     assert "decompressed request body is larger" in response.json()["error"]
+
+
+V2_PARITY = [
+    pytest.param(
+        "/v2/models/tiny/infer",
+        {"inputs": [{"name": "x", "shape": [1, 2, 2], "datatype": "FP32", "data": [1, 2, 3, 4]}]},
+        id="stateless-json",
+    ),
+    pytest.param(
+        "/v2/models/tiny/versions/1/infer",
+        {
+            "id": "r1",
+            "parameters": {"sequence_id": 7, "sequence_start": True},
+            "inputs": [{"name": "x", "shape": [1, 1, 2], "datatype": "FP32", "data": [0.5, 1]}],
+        },
+        id="sequence",
+    ),
+    pytest.param(
+        "/v2/models/tiny/infer",
+        {"inputs": [{"name": "x", "shape": [1, 2, 3], "datatype": "FP32", "data": [0] * 6}]},
+        id="bad-shape",
+    ),
+    pytest.param("/v2/models/nope/infer", {"inputs": []}, id="unknown-model"),
+    pytest.param("/v2/models/tiny/versions/x/infer", {"inputs": []}, id="bad-version"),
+    pytest.param("/v2/models/tiny/infer", b'{"inputs": [', id="malformed"),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), V2_PARITY)
+def test_the_raw_infer_path_answers_as_the_fastapi_route(
+    make_client: Callable[..., Any], path: str, body: Any
+) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    answers = []
+    for fast in (True, False):
+        response = make_client(fast_paths=fast).post(path, content=content)
+        answer = response.json()
+        answer.get("parameters", {}).pop("session_id", None)  # a new random id on each server
+        answers.append((response.status_code, answer, response.headers["content-type"]))
+    assert answers[0] == answers[1]
+
+
+def test_the_raw_infer_path_answers_binary_requests_as_the_fastapi_route(
+    make_client: Callable[..., Any],
+) -> None:
+    x = np.arange(6, dtype="<f4").reshape(1, 3, 2)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [1, 3, 2],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    answers = []
+    for fast in (True, False):
+        response = make_client(fast_paths=fast).post(
+            "/v2/models/tiny/infer",
+            content=header + x.tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert response.status_code == 200
+        answers.append((response.content, response.headers["inference-header-content-length"]))
+    assert answers[0] == answers[1]
