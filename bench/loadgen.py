@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ECHO_SERVER = Path(__file__).resolve().parent / "echo_server.py"
 BLOCK = 512  # input rows generated per session at a time
 CONNECT_CONCURRENCY = 64  # sessions opened at once before the run starts
+MODES = ("ws", "http", "v2", "mux")
+ECHO_MODES = ("ws", "http")  # what bench/echo_server.py speaks
 
 # ----------------------------------------------------------------------------- models
 
@@ -122,8 +124,11 @@ def session_inputs(seed: int, input_size: int) -> Iterator[np.ndarray]:
 
 
 def first_rows(seed: int, input_size: int, count: int) -> np.ndarray:
-    rows = session_inputs(seed, input_size)
-    return np.array([next(rows) for _ in range(count)], np.float32).reshape(count, input_size)
+    """The first ``count`` rows ``session_inputs`` yields, drawn a block at a time."""
+    rng = np.random.default_rng(seed)
+    blocks = -(-count // BLOCK)
+    drawn = [rng.standard_normal((BLOCK, input_size), dtype=np.float32) for _ in range(blocks)]
+    return np.concatenate(drawn or [np.zeros((0, input_size), np.float32)])[:count]
 
 
 def reference_outputs(model: Model, seeds: list[int], counts: list[int]) -> list[np.ndarray]:
@@ -260,6 +265,99 @@ async def run_http_session(
         await http.close()
 
 
+async def run_v2_session(
+    port: int, model: str, run: SessionRun, input_size: int, ready: asyncio.Event, clock: Clock
+) -> None:
+    """A V2 sequence (Triton's sequence extension), one JSON infer request per step."""
+    rows = session_inputs(run.seed, input_size)
+    http = HttpConnection(HOST, port)
+    path = f"/v2/models/{model}/infer"
+    try:
+        await http.open()
+        ready.set()
+        await clock.started.wait()
+        while clock.running():
+            first = not run.outputs
+            body = v2_request(run.seed, next(rows), first)
+            sent = time.perf_counter()
+            status, reply = await http.request("POST", path, body)
+            if status != 200:
+                raise RuntimeError(f"infer: HTTP {status} {reply[:200]!r}")
+            clock.record(run, sent, check_v2_reply(orjson.loads(reply), len(run.outputs) + 1))
+        await http.request("POST", path, v2_request(run.seed, next(rows), False, end=True))
+    except Exception as exc:  # every failure is counted and reported, never fatal to the run
+        run.error = f"{type(exc).__name__}: {exc}"
+        ready.set()
+    finally:
+        await http.close()
+
+
+def v2_request(sequence_id: int, row: np.ndarray, start: bool, end: bool = False) -> bytes:
+    parameters = {"sequence_id": sequence_id + 1, "sequence_start": start, "sequence_end": end}
+    tensor = {"name": "x", "shape": [1, 1, len(row)], "datatype": "FP32", "data": row.tolist()}
+    return orjson.dumps({"parameters": parameters, "inputs": [tensor], "outputs": [{"name": "y"}]})
+
+
+def check_v2_reply(reply: Any, expected_steps: int) -> list[float]:
+    if "error" in reply:
+        raise RuntimeError(f"error reply: {reply['error']}")
+    if reply["parameters"]["step_count"] != expected_steps:
+        raise RuntimeError(
+            f"step_count {reply['parameters']['step_count']}, expected {expected_steps}"
+        )
+    (y,) = (o for o in reply["outputs"] if o["name"] == "y")
+    return [float(v) for v in y["data"]]
+
+
+async def run_mux_group(
+    url: str,
+    model: str,
+    runs: list[SessionRun],
+    input_size: int,
+    ready: asyncio.Event,
+    clock: Clock,
+) -> None:
+    """K sessions on one /v1/mux connection: one binary frame steps all of them, closed loop."""
+    from service.client.mux import MuxClient
+
+    k = len(runs)
+    rngs = [np.random.default_rng(run.seed) for run in runs]
+    frames: list[np.ndarray] = []  # (K, o) outputs per frame
+    latencies, replied = array("d"), array("d")
+    try:
+        async with await MuxClient.connect(url) as mux:
+            opened = await mux.open(model, k)
+            handles = np.array(opened.handles, np.int32)
+            ready.set()
+            await clock.started.wait()
+            block = np.zeros((k, 0, input_size), np.float32)
+            while clock.running():
+                t = len(frames) % BLOCK
+                if t == 0:  # the next BLOCK rows of every session, as session_inputs draws them
+                    block = np.stack(
+                        [r.standard_normal((BLOCK, input_size), np.float32) for r in rngs]
+                    )
+                sent = time.perf_counter()
+                reply = await mux.step(handles, block[:, t : t + 1])
+                now = time.perf_counter()
+                if reply.messages or (reply.step_counts != len(frames) + 1).any():
+                    raise RuntimeError(
+                        f"frame {len(frames)}: {reply.messages or reply.step_counts}"
+                    )
+                frames.append(reply.outputs[:, 0].copy())
+                latencies.append(now - sent)
+                replied.append(now - clock.start)
+            await mux.close(opened.handles)
+    except Exception as exc:  # every failure is counted and reported, never fatal to the run
+        for run in runs:
+            run.error = f"{type(exc).__name__}: {exc}"
+        ready.set()
+    outputs = np.stack(frames, axis=1) if frames else np.zeros((k, 0, 1), np.float32)
+    for i, run in enumerate(runs):
+        run.outputs = outputs[i]  # (frames, o)
+        run.latencies, run.replied_at = latencies, replied
+
+
 class Clock:
     """The shared run window: sessions step while it runs and stamp every reply."""
 
@@ -289,7 +387,7 @@ class Clock:
 
 @dataclass(frozen=True)
 class DriveSpec:
-    mode: str  # "ws" or "http"
+    mode: str  # "ws", "http", "v2" or "mux"
     port: int
     model: str
     input_size: int
@@ -297,6 +395,7 @@ class DriveSpec:
     duration: float
     warmup: float  # seconds at the start that are not counted
     server_pid: int | None  # whose CPU time is sampled over the counted window, if known
+    mux_connections: int = 1  # mux mode: the sessions are split over this many connections
 
 
 @dataclass
@@ -331,26 +430,35 @@ async def drive(spec: DriveSpec, barrier: Any = None) -> Drive:
     runs = [SessionRun(seed) for seed in spec.seeds]
     clock, all_open = Clock(spec.duration), asyncio.Event()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)  # bounds the connections being opened at once
-    opening = len(runs)
 
-    def session(run: SessionRun, ready: asyncio.Event) -> Coroutine[Any, Any, None]:
+    def session(unit: list[SessionRun], ready: asyncio.Event) -> Coroutine[Any, Any, None]:
+        run, n = unit[0], spec.input_size
         if spec.mode == "ws":
             url = f"ws://{HOST}:{spec.port}/v1/stream?model={spec.model}"
-            return run_ws_session(url, run, spec.input_size, ready, clock)
-        return run_http_session(spec.port, spec.model, run, spec.input_size, ready, clock)
+            return run_ws_session(url, run, n, ready, clock)
+        if spec.mode == "v2":
+            return run_v2_session(spec.port, spec.model, run, n, ready, clock)
+        if spec.mode == "mux":
+            return run_mux_group(f"ws://{HOST}:{spec.port}", spec.model, unit, n, ready, clock)
+        return run_http_session(spec.port, spec.model, run, n, ready, clock)
 
-    async def open_and_run(run: SessionRun) -> None:
+    units = [[run] for run in runs]
+    if spec.mode == "mux":  # each connection carries a share of the sessions
+        units = [runs[i :: spec.mux_connections] for i in range(spec.mux_connections)]
+    opening = len(units)
+
+    async def open_and_run(unit: list[SessionRun]) -> None:
         nonlocal opening
         ready = asyncio.Event()
         async with gate:
-            task = asyncio.create_task(session(run, ready))
+            task = asyncio.create_task(session(unit, ready))
             await ready.wait()
         opening -= 1
         if opening == 0:
             all_open.set()
         await task
 
-    tasks = [asyncio.create_task(open_and_run(run)) for run in runs]
+    tasks = [asyncio.create_task(open_and_run(unit)) for unit in units]
     await all_open.wait()
     if barrier is not None:  # several processes start together
         await asyncio.to_thread(barrier.wait)
@@ -590,6 +698,8 @@ def count_mismatches(
 def measure(target: str, server: Server, model: Model, args: argparse.Namespace) -> list[Row]:
     rows = []
     for mode in args.modes:
+        if target == "echo" and mode not in ECHO_MODES:
+            continue
         for sessions in args.sessions:
             seeds = list(range(1000 * sessions, 1000 * sessions + sessions))
             spec = DriveSpec(
@@ -601,6 +711,7 @@ def measure(target: str, server: Server, model: Model, args: argparse.Namespace)
                 duration=args.duration,
                 warmup=args.warmup,
                 server_pid=server.process.pid if server.process else None,
+                mux_connections=args.mux_connections,
             )
             before = batch_counters(server) if target != "echo" else (0, 0)
             drive = drive_all(spec, args.processes)
@@ -613,7 +724,30 @@ def measure(target: str, server: Server, model: Model, args: argparse.Namespace)
             print(format_row(row), flush=True)
             for run in [r for r in drive.runs if r.error][:3]:
                 print(f"    session {run.seed}: {run.error}", flush=True)
+            if mode == "mux" and target == args.targets[0]:
+                print(bare_call_line(model, sessions // args.mux_connections), flush=True)
     return rows
+
+
+def bare_call_line(model: Model, batch: int) -> str:
+    """One step of ``batch`` sessions as a single ONNX Runtime call, as the service configures
+    its sessions: the physical limit of a mux frame on this machine."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    runner = ort.InferenceSession(str(model.onnx_path), options, ["CPUExecutionProvider"])
+    m = model.metadata
+    feeds = {
+        name: np.zeros((m["num_layers"], batch, m["hidden_size"]), np.float32)
+        for name in m["state_inputs"]
+    }
+    feeds["x"] = np.random.default_rng(0).standard_normal((batch, 1, model.input_size), np.float32)
+    feeds["lengths"] = np.ones(batch, np.int64)
+    seconds = timing.median_seconds(lambda: runner.run(None, feeds), 1.0, 200)
+    return (
+        f"    bare ONNX Runtime call, batch {batch} (1 thread): {seconds * 1e3:.2f} ms, "
+        f"{batch / seconds:,.0f} session-steps/s"
+    )
 
 
 def measure_memory(server: Server, model: Model, count: int) -> str:
@@ -724,7 +858,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", default="256,1024", help="comma-separated session counts")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds not counted")
-    parser.add_argument("--modes", default="ws,http", help="ws, http or both")
+    parser.add_argument(
+        "--modes",
+        default="ws,http",
+        help="comma-separated: ws (/v1/stream), http (POST .../steps), v2 (V2 JSON sequence "
+        "infer), mux (/v1/mux binary frames, all sessions of a row in --mux-connections "
+        "connections)",
+    )
+    parser.add_argument(
+        "--mux-connections", type=int, default=1, help="mux mode: connections sharing the sessions"
+    )
     parser.add_argument("--targets", default="on,off,echo", help="on, off, echo or none")
     parser.add_argument(
         "--port", type=int, help="measure a service already running on 127.0.0.1:PORT instead"
@@ -755,8 +898,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.server_env = dict(item.split("=", 1) for item in args.server_env)
     if args.port and args.models_dir is None:
         parser.error("--port needs --models-dir: the reference runs on the served model files")
-    if set(args.modes) - {"ws", "http"} or set(args.targets) - {"on", "off", "echo"}:
-        parser.error("--modes takes ws,http; --targets takes on,off,echo or none")
+    if set(args.modes) - set(MODES) or set(args.targets) - {"on", "off", "echo"}:
+        parser.error(f"--modes takes {','.join(MODES)}; --targets takes on,off,echo or none")
     return args
 
 

@@ -26,6 +26,7 @@ from service.engine.runtime import ModelRuntime
 from service.engine.sessions import SessionManager
 from service.engine.state_pool import SlotPool, StatePool
 from service.engine.store import make_store
+from service.mux import endpoint as mux_endpoint
 from service.settings import Settings
 from service.v2 import routes as v2_routes
 from service.v2.sequences import SequenceTable
@@ -101,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(rest.health)
     app.include_router(rest.api)
     app.include_router(ws.router)
+    app.router.routes.append(mux_endpoint.route())
     app.include_router(metrics_api.router)
     app.state.v2_sequences = SequenceTable()
     app.include_router(v2_routes.health)
@@ -163,5 +165,6 @@ def _serve(
         max_batch_size=settings.max_batch_size,
         max_delay_s=settings.max_batch_delay_s,
         max_queue_depth=settings.max_queue_depth,
+        workers=os.cpu_count() or 1,  # a mux frame larger than a call runs on every core
     )
     return ServedModel(metadata=meta, batcher=batcher)

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     """Seconds a request body may take to arrive; a slower or stalled upload answers 408 and its
     connection is closed."""
+    mux_max_entries: int = Field(default=65_536, ge=1)
+    """Most entries (sessions) in one ``/v1/mux`` step frame, and most sessions opened or
+    attached by one control message."""
     fast_paths: bool = True
     """Serve the per-step endpoints (``POST /v1/sessions/{id}/steps``, V2 ``infer``) by raw ASGI
     handlers ahead of FastAPI's routing; false routes them through FastAPI like every other

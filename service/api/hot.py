@@ -146,7 +146,8 @@ def parse_step_body(body: bytes) -> tuple[Any, int | None]:
 
 
 def expected_step_count(value: Any) -> int | None:
-    """Check an ``expected_step_count`` field: absent (None) or an integer >= 0."""
+    """Check an ``expected_step_count`` field (REST body, websocket frame): absent (None) or an
+    integer >= 0."""
     if value is None:
         return None
     if type(value) is not int:

@@ -11,13 +11,22 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from fastapi import APIRouter
 from starlette.routing import WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from service.api.auth import identify
+from service.api.frames import (
+    Answer,
+    authenticate,
+    close,
+    close_message,
+    decode_object,
+    serve_frames,
+    text_message,
+    too_big,
+)
+from service.api.hot import expected_step_count
 from service.api.responses import dumps
 from service.engine.dataplane import DataPlane, SessionInfo
 from service.engine.errors import BadRequest, InvalidInput, ServiceError
@@ -26,7 +35,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 FATAL_STATUSES = {401, 404, 409}  # the connection or its session is gone: close
-REASON_BYTES = 123  # the most a close reason may hold
 
 
 class _Closed(Exception):
@@ -47,16 +55,16 @@ class StreamEndpoint:
         await websocket.accept()
         dataplane: DataPlane = websocket.app.state.dataplane
         try:
-            owner = _authenticate(websocket)
+            owner = authenticate(websocket)
             info, attachment = await _open(dataplane, websocket.query_params, owner)
         except ServiceError as exc:
-            await _close(websocket, exc.close_code, exc.message)
+            await close(websocket, exc.close_code, exc.message)
             return
         try:
             await websocket.send_text(dumps(_hello(info)).decode())
             limit = websocket.app.state.settings.max_request_bytes
             frames = _Frames(dataplane, info.session_id, owner, attachment)
-            await _serve(receive, send, frames, limit)
+            await serve_frames(receive, send, _answerer(frames, limit))
         except WebSocketDisconnect:
             pass
         finally:
@@ -64,12 +72,6 @@ class StreamEndpoint:
 
 
 router.routes.append(WebSocketRoute("/v1/stream", StreamEndpoint(), name="stream"))
-
-
-def _authenticate(websocket: WebSocket) -> str | None:
-    settings = websocket.app.state.settings
-    headers, params = websocket.headers, websocket.query_params
-    return identify(settings.api_keys, headers.get("authorization"), params.get("token"))
 
 
 async def _open(dataplane: DataPlane, params: Any, owner: str | None) -> tuple[SessionInfo, int]:
@@ -110,13 +112,20 @@ class _Frames:
 
     async def answer(self, data: str | bytes) -> dict[str, Any]:
         """The reply to one frame; raises ``_Closed`` after ``{"close": true}``."""
-        frame = _decode(data)
+        frame = decode_object(data, '{"inputs": [[1.0]]}')
         if len(frame) != 1 or "inputs" not in frame:  # the common frame skips these checks
             reply = await self._control(frame)
             if reply is not None:
                 return reply
+        expected = None
+        if "expected_step_count" in frame:
+            expected = expected_step_count(frame["expected_step_count"])
         step = await self.dataplane.step(
-            self.session_id, frame["inputs"], self.owner, self.attachment
+            self.session_id,
+            frame["inputs"],
+            self.owner,
+            self.attachment,
+            expected_step_count=expected,
         )
         return {"outputs": step.outputs, "step_count": step.step_count}
 
@@ -133,53 +142,21 @@ class _Frames:
         return None
 
 
-async def _serve(receive: Receive, send: Send, frames: _Frames, limit: int) -> None:
-    """Answer frames until the client leaves or the connection closes."""
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        reply = await _reply(frames, message, limit)
+def _answerer(frames: _Frames, limit: int) -> Answer:
+    """The function answering each received frame: a reply, or a close."""
+
+    async def answer(message: Message) -> Message:
+        if (refused := too_big(message, limit)) is not None:
+            return refused
+        data = message.get("text") or message.get("bytes") or b""
         try:
-            await send(reply)
-        except OSError:  # the client left meanwhile (Starlette's WebSocket says 1006)
-            return
-        if reply["type"] == "websocket.close":
-            return
+            reply = await frames.answer(data)
+        except _Closed:
+            return close_message(1000, "session closed")
+        except ServiceError as exc:
+            if exc.status_code in FATAL_STATUSES:
+                return close_message(exc.close_code, exc.message)
+            reply = exc.body()
+        return text_message(reply)
 
-
-async def _reply(frames: _Frames, message: Message, limit: int) -> Message:
-    """The message answering one received frame: a reply, or a close."""
-    data = message.get("text") or message.get("bytes") or b""
-    if len(data) > limit:  # uvicorn enforces this too (ws_max_size); the test client not
-        return _close_message(1009, f"message larger than {limit} bytes")
-    try:
-        reply = await frames.answer(data)
-    except _Closed:
-        return _close_message(1000, "session closed")
-    except ServiceError as exc:
-        if exc.status_code in FATAL_STATUSES:
-            return _close_message(exc.close_code, exc.message)
-        reply = exc.body()
-    return {"type": "websocket.send", "text": dumps(reply).decode()}
-
-
-def _decode(data: str | bytes) -> dict[str, Any]:
-    try:
-        frame = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON frame: {exc}") from None
-    if not isinstance(frame, dict):
-        raise InvalidInput('a frame must be a JSON object such as {"inputs": [[1.0]]}')
-    return frame
-
-
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    if websocket.application_state is WebSocketState.CONNECTED:
-        await websocket.send(_close_message(code, reason))
-
-
-def _close_message(code: int, reason: str) -> Message:
-    """A close message; its reason cut to what a close frame holds, on a character boundary."""
-    encoded = reason.encode()[:REASON_BYTES].decode(errors="ignore")
-    return {"type": "websocket.close", "code": code, "reason": encoded}
+    return answer

@@ -1,9 +1,11 @@
 """Command line: ``python -m service.client stream --model NAME --csv FILE --column C``.
 
-Streams a series to the service's websocket one chunk at a time and prints each step's prediction
-as it arrives: ``step<TAB>inputs<TAB>outputs`` (comma-separated), or one JSON object per line with
-``--json``. Notices (reconnects, a summary) go to stderr. Exit status 0 on success, 1 with a
-one-line ``error: ...`` message on any failure, 2 for a wrong command line.
+``stream`` streams a series to the service's websocket one chunk at a time and prints each
+step's prediction as it arrives: ``step<TAB>inputs<TAB>outputs`` (comma-separated), or one JSON
+object per line with ``--json``. ``mux`` streams several columns at once over ``/v1/mux``, one
+session per column and one frame per row, and prints ``column<TAB>step<TAB>input<TAB>output``.
+Notices (reconnects, a summary) go to stderr. Exit status 0 on success, 1 with a one-line
+``error: ...`` message on any failure, 2 for a wrong command line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from service.client.mux import stream_columns
 from service.client.series import ClientError, Row, iter_text_rows, read_csv_rows
 from service.client.stream import RetryPolicy, StepResult, StreamClient, StreamTarget
 
@@ -52,7 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds to wait for a reply (default 30)"
     )
     stream.add_argument("--json", action="store_true", help="print JSON lines")
+    _add_mux_command(commands)
     return parser
+
+
+def _add_mux_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    mux = commands.add_parser(
+        "mux", help="stream several CSV columns at once over /v1/mux, one session per column"
+    )
+    mux.add_argument("--url", default="ws://127.0.0.1:8000", help="server base URL")
+    mux.add_argument("--model", required=True, help="the model (one input per step)")
+    mux.add_argument("--version", type=int, help="model version (default: the highest)")
+    mux.add_argument("--csv", type=Path, required=True, help="CSV file with a header line")
+    mux.add_argument("--columns", required=True, help="comma-separated columns, one per session")
+    mux.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    mux.add_argument(
+        "--max-retries", type=int, default=5, help="reconnect attempts in a row (default 5)"
+    )
+    mux.add_argument("--json", action="store_true", help="print JSON lines")
 
 
 def csv_columns(args: argparse.Namespace) -> list[str]:
@@ -114,11 +134,44 @@ async def run_stream(args: argparse.Namespace, out: TextIO) -> None:
         )
 
 
+async def run_mux(args: argparse.Namespace, out: TextIO) -> None:
+    columns = [name.strip() for name in args.columns.split(",") if name.strip()]
+    rows = read_csv_rows(args.csv, columns)
+    steps = stream_columns(
+        args.url,
+        args.model,
+        columns,
+        rows,
+        api_key=args.api_key,
+        version=args.version,
+        retry=RetryPolicy(max_retries=args.max_retries),
+        notify=notice,
+    )
+    count = 0
+    async for step in steps:
+        if args.json:
+            line = json.dumps(
+                {
+                    "column": step.column,
+                    "step": step.index,
+                    "input": step.inputs,
+                    "output": step.outputs,
+                }
+            )
+        else:
+            outputs = ",".join(repr(value) for value in step.outputs)
+            line = f"{step.column}\t{step.index}\t{step.inputs[0]!r}\t{outputs}"
+        print(line, file=out, flush=True)
+        count += 1
+    notice(f"streamed {count} steps through {len(columns)} sessions")
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    run = run_mux if args.command == "mux" else run_stream
     try:
-        asyncio.run(run_stream(args, out or sys.stdout))
+        asyncio.run(run(args, out or sys.stdout))
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

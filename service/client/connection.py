@@ -50,7 +50,7 @@ class StreamConnection:
                 self.url, additional_headers=self.headers, open_timeout=10, proxy=None
             )
         except InvalidStatus as exc:
-            raise _refused(exc) from None
+            raise refused(exc) from None
         except InvalidURI as exc:
             raise ClientError(f"invalid server URL: {exc}") from None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
@@ -66,7 +66,7 @@ class StreamConnection:
         try:
             await self._ws.send(json.dumps(frame))
         except ConnectionClosed as exc:
-            raise _closed(exc) from None
+            raise to_client_error(exc) from None
 
     async def receive(self) -> dict[str, Any]:
         assert self._ws is not None
@@ -74,7 +74,7 @@ class StreamConnection:
             async with asyncio.timeout(self.reply_timeout):
                 message = await self._ws.recv()
         except ConnectionClosed as exc:
-            raise _closed(exc) from None
+            raise to_client_error(exc) from None
         except TimeoutError:
             raise ConnectionLost(f"no reply within {self.reply_timeout:g} s") from None
         try:
@@ -92,7 +92,7 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _closed(exc: ConnectionClosed) -> Exception:
+def to_client_error(exc: ConnectionClosed) -> Exception:
     """A closed connection: final for documented fatal codes, otherwise worth a reconnect."""
     if exc.rcvd is None:
         return ConnectionLost("connection dropped")
@@ -103,7 +103,7 @@ def _closed(exc: ConnectionClosed) -> Exception:
     return StreamClosed(code, detail)
 
 
-def _refused(exc: InvalidStatus) -> Exception:
+def refused(exc: InvalidStatus) -> Exception:
     status = exc.response.status_code
     body = _error_text(bytes(exc.response.body or b""))
     detail = f"HTTP {status}" + (f": {body[:200]}" if body else "")

@@ -7,23 +7,20 @@ arrive as decoded JSON values (nested lists) or numpy arrays; results are numpy 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass, field
-from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
+from service.engine import inputs
 from service.engine.batcher import ChunkResult
 from service.engine.errors import (
-    BadRequest,
-    ChunkTooLarge,
     InvalidInput,
     NotFound,
     NotReady,
     ServiceError,
+    SessionHeld,
     SessionTakenOver,
     StepCountMismatch,
 )
@@ -37,10 +34,14 @@ from service.engine.store.base import owner_hash
 from service.engine.store.errors import SessionBusy, StoredSessionNotFound, StoredSessionUnreadable
 
 T = TypeVar("T")
-NUMBER_TYPES = frozenset({int, float})  # bool is not a number here, nor a numeric string
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-FLOAT64_MAX = float(np.finfo(np.float64).max)
-SMALL_MATRIX = 64  # values checked in Python below this size; numpy is faster above it
+
+
+class StreamGroupLike(Protocol):
+    """What the data plane needs of a mux stream's group: whether a frame of it is running."""
+
+    busy: bool
+
+
 EVICTED_RETRIES = 3  # a step whose session is dropped from memory while it waits reloads it
 
 
@@ -61,7 +62,7 @@ class SessionInfo:
             model=session.model.name,
             version=session.model.version,
             state=session.state,
-            step_count=session.step_count,
+            step_count=session.current_step_count,
             created_at=session.created_at,
             idle_s=max(0.0, now - session.last_used),
         )
@@ -105,6 +106,7 @@ class DataPlane:
         self.max_steps_per_chunk = max_steps_per_chunk
         self.store = store
         self.metrics = metrics or Metrics()
+        self.groups: set[StreamGroupLike] = set()  # the open mux streams (service.engine.groups)
         self._repository: ModelRepository | None = None
 
     # -- models -----------------------------------------------------------------------------
@@ -179,7 +181,7 @@ class DataPlane:
         if not isinstance(raw, dict) or set(raw) != set(meta.state_inputs):
             raise InvalidInput(f"{where} must be an object with keys {meta.state_inputs}")
         layers = [
-            _finite_matrix(raw[name], f"{where}.{name}", meta.num_layers, meta.hidden_size)
+            inputs.finite_matrix(raw[name], f"{where}.{name}", meta.num_layers, meta.hidden_size)
             for name in meta.state_inputs
         ]
         return np.stack(layers)  # (S, L, m)
@@ -194,7 +196,7 @@ class DataPlane:
             session = self.sessions.create(self.model(name, version), owner)
             if self.store is not None:
                 try:
-                    await self._save(session, _zero_state(session.model))
+                    await self.save(session, _zero_state(session.model))
                 except ServiceError:
                     self.sessions.evict(session, "store")
                     raise
@@ -202,9 +204,11 @@ class DataPlane:
 
     async def session_info(self, session_id: str, owner: str | None) -> SessionInfo:
         with self.metrics.track("session_info"):
-            session = await self._session(session_id, owner)
+            session = await self.find_session(session_id, owner)
+            if session.holder is not None:  # its holder keeps it current
+                return self._info(session)
             async with session.lock:
-                await self._refresh(session)
+                await self.refresh(session)
                 return self._info(session)
 
     async def step(
@@ -230,8 +234,10 @@ class DataPlane:
             for _ in range(EVICTED_RETRIES):
                 if self.store is None:  # no await: the session is in memory or nowhere
                     session = self.sessions.get(session_id, owner)
+                    _check_not_held(session)
                 else:
-                    session = await self._session(session_id, owner)
+                    session = await self.find_session(session_id, owner)
+                _check_not_held(session)
                 x = self.parse_chunk(session.model, inputs, "inputs", allow_flat=True)
                 async with session.lock:
                     if session.state is SessionState.EVICTED:
@@ -252,11 +258,11 @@ class DataPlane:
         """Run the chunk from the current state and store the result (the session lock is held)."""
         assert self.store is not None
         started = time.perf_counter()
-        await self._refresh(session)
+        await self.refresh(session)
         _check_step_count(session, expected_step_count)
         result = await self._submit(session, x)
         try:
-            await self._save(session, result.state)
+            await self.save(session, result.state)
         except ServiceError:
             self.sessions.evict(session, "store")  # this copy is ahead of the store: drop it
             raise
@@ -283,12 +289,13 @@ class DataPlane:
     async def reset(self, session_id: str, owner: str | None) -> SessionInfo:
         """Zero the session's state and step count."""
         with self.metrics.track("reset"):
-            session = await self._session(session_id, owner)
+            session = await self.find_session(session_id, owner)
+            _check_not_held(session)
             async with session.lock:
                 session.require(*LIVE)
-                await self._refresh(session)
+                await self.refresh(session)
                 if self.store is not None:
-                    await self._save(session, _zero_state(session.model), step_count=0)
+                    await self.save(session, _zero_state(session.model), step_count=0)
                 session.model.pool.reset(session.slot)
                 session.step_count = 0
                 self.sessions.mark_used(session)
@@ -296,7 +303,8 @@ class DataPlane:
 
     async def delete(self, session_id: str, owner: str | None) -> None:
         with self.metrics.track("delete"):
-            session = await self._session(session_id, owner)
+            session = await self.find_session(session_id, owner)
+            _check_not_held(session)
             async with session.lock:
                 session.require(*LIVE)
                 if self.store is not None:
@@ -304,11 +312,17 @@ class DataPlane:
                 self.sessions.close(session)
 
     async def attach(self, session_id: str, owner: str | None) -> tuple[SessionInfo, int]:
-        """Attach a streaming connection; returns the attachment id to pass to ``step``."""
+        """Attach a streaming connection; returns the attachment id to pass to ``step``.
+
+        A session held by a mux stream is taken over: the stream lets go of it once its frame in
+        flight has run, and this attach waits for that.
+        """
         with self.metrics.track("attach"):
-            session = await self._session(session_id, owner)
+            session = await self.find_session(session_id, owner)
+            if session.holder is not None:
+                session.holder.surrender(session)
             async with session.lock:
-                await self._refresh(session)
+                await self.refresh(session)
                 attachment = self.sessions.attach(session)
                 return self._info(session), attachment
 
@@ -327,7 +341,11 @@ class DataPlane:
             await asyncio.sleep(0.01)
 
     def _steps_in_flight(self) -> bool:
-        return any(s.lock.locked() for s in self.sessions.cached())
+        """Whether a step runs: a locked session no stream holds, or a stream's frame."""
+        cached = self.sessions.cached()
+        return any(s.lock.locked() and s.holder is None for s in cached) or any(
+            group.busy for group in self.groups
+        )
 
     def _check_live(self, session: Session, attachment: int | None) -> None:
         if session.state is SessionState.STREAMING and attachment not in (None, session.attachment):
@@ -339,7 +357,7 @@ class DataPlane:
         return SessionInfo.of(session, time.monotonic())
 
     # -- the durable store ------------------------------------------------------------------
-    async def _session(self, session_id: str, owner: str | None) -> Session:
+    async def find_session(self, session_id: str, owner: str | None) -> Session:
         """The session from memory, or loaded from the durable store on first touch."""
         if self.store is None:
             return self.sessions.get(session_id, owner)
@@ -360,7 +378,7 @@ class DataPlane:
         self._apply(session, record)
         return session
 
-    async def _refresh(self, session: Session) -> None:
+    async def refresh(self, session: Session) -> None:
         """Bring this copy up to the stored revision (another replica may have advanced it)."""
         if self.store is None:
             return
@@ -382,10 +400,10 @@ class DataPlane:
         session.step_count = record.step_count
         session.revision = record.revision
 
-    async def _save(
+    async def save(
         self, session: Session, state: FloatArray, step_count: int | None = None
     ) -> None:
-        """Compare-and-set the session's next revision in the store."""
+        """Compare-and-set the session's next revision in the durable store."""
         assert self.store is not None
         record = SessionRecord(
             session_id=session.id,
@@ -411,37 +429,10 @@ class DataPlane:
 
     # -- validation -------------------------------------------------------------------------
     def parse_chunk(self, model: ServedModel, raw: Any, where: str, allow_flat: bool) -> FloatArray:
-        """Turn decoded JSON into a chunk (T, n) of finite float32, or raise naming the problem.
-
-        A flat list of numbers is one step when ``allow_flat``. A float32 array (from a binary
-        protocol) is checked for its shape, length and values without a detour through lists.
-        """
+        """Turn decoded JSON (or a float32 array) into a chunk (T, n) of finite float32, or raise
+        naming the problem (see ``service.engine.inputs``)."""
         n = model.metadata.input_size
-        if isinstance(raw, np.ndarray):
-            return self._checked_array(raw, where, n)
-        if not isinstance(raw, list):
-            raise InvalidInput(f"'{where}' must be a list of steps, each a list of {n} numbers")
-        if not raw:
-            raise InvalidInput(f"'{where}' is empty: send at least one step")
-        if allow_flat and type(raw[0]) is not list and not any(isinstance(v, list) for v in raw):
-            raw = [raw]
-        if len(raw) > self.max_steps_per_chunk:
-            raise ChunkTooLarge(f"'{where}'", len(raw), self.max_steps_per_chunk)
-        return _finite_matrix(raw, where, len(raw), n, row_name="step")
-
-    def _checked_array(self, raw: npt.NDArray[Any], where: str, n: int) -> FloatArray:
-        if raw.dtype != np.float32 or raw.ndim != 2 or raw.shape[1] != n or not len(raw):
-            raise InvalidInput(
-                f"'{where}' must be float32 of shape (steps >= 1, {n}), "
-                f"got {raw.dtype} {tuple(raw.shape)}"
-            )
-        if len(raw) > self.max_steps_per_chunk:
-            raise ChunkTooLarge(f"'{where}'", len(raw), self.max_steps_per_chunk)
-        bad = np.argwhere(~np.isfinite(raw))
-        if bad.size:
-            t, j = bad[0]
-            raise BadRequest(_not_finite(where, t, j, repr(float(raw[t, j]))))
-        return raw
+        return inputs.parse_chunk(raw, where, n, self.max_steps_per_chunk, allow_flat)
 
     # -- observability ----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -460,6 +451,11 @@ class DataPlane:
                 }
             )
         return {"sessions": len(self.sessions), "models": models}
+
+
+def _check_not_held(session: Session) -> None:
+    if session.holder is not None:
+        raise SessionHeld(session.id)
 
 
 def _check_step_count(session: Session, expected: int | None) -> None:
@@ -487,87 +483,3 @@ async def _finish_even_if_cancelled(future: asyncio.Future[T]) -> T:
     except asyncio.CancelledError:
         await asyncio.wait([future])
         raise
-
-
-def _finite_matrix(raw: Any, where: str, rows: int, cols: int, row_name: str = "row") -> FloatArray:
-    """Check ``raw`` is ``rows`` lists of ``cols`` finite numbers; return it as float32."""
-    matrix = _plain_float32_matrix(raw, rows, cols)
-    if matrix is not None:
-        return matrix
-    return _checked_matrix(raw, where, rows, cols, row_name)
-
-
-def _plain_float32_matrix(raw: Any, rows: int, cols: int) -> FloatArray | None:
-    """The fast path: ``raw`` as float32 when it is plainly valid, else None.
-
-    Plainly valid: ``rows`` lists of ``cols`` ints or floats, all within float32's range. Anything
-    else (including values that only round into that range) takes ``_checked_matrix``, which
-    finds and names the problem.
-    """
-    if type(raw) is not list or len(raw) != rows:
-        return None
-    for row in raw:
-        if type(row) is not list or len(row) != cols or not NUMBER_TYPES.issuperset(map(type, row)):
-            return None
-    if rows * cols <= SMALL_MATRIX:
-        return _small_float32_matrix(raw)
-    try:
-        matrix = np.array(raw, dtype=np.float64)  # (rows, cols)
-    except OverflowError:  # an int beyond float64
-        return None
-    if not (np.abs(matrix) <= FLOAT32_MAX).all():
-        return None
-    return matrix.astype(np.float32)
-
-
-def _small_float32_matrix(raw: list[list[int | float]]) -> FloatArray | None:
-    """A few plain numbers as float32, or None if any may be beyond float32's range.
-
-    The sum of absolute values is NaN, infinite or above the limit whenever one value is (a
-    chunk of large but valid values may also fail the test: the slow path then accepts it).
-    Each value is within float32's range, so converting it directly rounds as float64 then
-    float32 does.
-    """
-    try:
-        total = math.fsum(map(abs, chain.from_iterable(raw)))
-    except OverflowError:  # an int beyond float64, or a sum beyond it
-        return None
-    if not total <= FLOAT32_MAX:
-        return None
-    return np.array(raw, dtype=np.float32)  # (rows, cols)
-
-
-def _checked_matrix(raw: Any, where: str, rows: int, cols: int, row_name: str) -> FloatArray:
-    """The slow path of ``_finite_matrix``: check value by value and name the first problem."""
-    if not isinstance(raw, list) or len(raw) != rows:
-        raise InvalidInput(f"'{where}' must be a list of {rows} {row_name}s")
-    for t, row in enumerate(raw):
-        if not isinstance(row, list):
-            raise InvalidInput(f"'{where}[{t}]' must be a list of {cols} numbers, got {row!r:.40}")
-        if len(row) != cols:
-            raise InvalidInput(
-                f"'{where}[{t}]' has {len(row)} values; the model expects {cols} per {row_name}"
-            )
-        for j, value in enumerate(row):
-            if type(value) not in (int, float):
-                raise BadRequest(f"'{where}[{t}][{j}]' is not a number: {value!r:.40}")
-    try:
-        matrix = np.asarray(raw, dtype=np.float64)
-    except OverflowError:  # an int beyond float64 (JSON allows any number of digits)
-        t, j = next(
-            (t, j) for t, row in enumerate(raw) for j, v in enumerate(row) if abs(v) > FLOAT64_MAX
-        )
-        raise BadRequest(_not_finite(where, t, j, "an integer beyond float64")) from None
-    with np.errstate(over="ignore"):
-        as_float32 = matrix.astype(np.float32)
-    bad = np.argwhere(~np.isfinite(as_float32))
-    if bad.size:
-        t, j = bad[0]
-        raise BadRequest(_not_finite(where, t, j, repr(float(matrix[t, j]))))
-    return as_float32
-
-
-def _not_finite(where: str, t: int, j: int, value: str) -> str:
-    return (
-        f"'{where}[{t}][{j}]' is {value}: NaN, infinity and values beyond float32 are not accepted"
-    )

@@ -113,6 +113,14 @@ class StepCountMismatch(Conflict):
         )
 
 
+class SessionHeld(Conflict):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} is held by a mux stream (/v1/mux): step, reset or close it "
+            "there, or attach it here to take it over"
+        )
+
+
 class SessionTakenOver(Conflict):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} was taken over by a newer connection")
@@ -152,6 +160,16 @@ class InvalidInput(ServiceError):
     """Well-formed values of the wrong shape: wrong feature count, empty inputs."""
 
     status_code = 422
+
+
+class NonFiniteOutput(InvalidInput):
+    """The model produced NaN or infinity from these inputs and state; nothing was stored."""
+
+    def __init__(self, model: str, version: int) -> None:
+        super().__init__(
+            f"model {model!r} version {version} produced NaN or infinity from these inputs and "
+            "state (values too large for the model); the state is unchanged"
+        )
 
 
 class Unavailable(ServiceError):

@@ -79,4 +79,6 @@ class ModelRuntime:
             feeds[name] = states[k]  # (L, B, m)
         names = ["y", *meta.state_outputs]
         y, *new_states = self._session.run(names, feeds)
-        return RunOutput(y=y, states=np.stack(new_states))  # (S, L, B, m)
+        # One state tensor (GRU, MGU) needs no copy to gain its leading axis.
+        stacked = new_states[0][None] if len(new_states) == 1 else np.stack(new_states)
+        return RunOutput(y=y, states=stacked)  # (S, L, B, m)

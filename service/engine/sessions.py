@@ -9,6 +9,7 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from service.engine.errors import (
     SessionExpired,
@@ -45,6 +46,23 @@ class SessionState(Enum):
 LIVE = (SessionState.OPEN, SessionState.STREAMING)
 
 
+class Holder(Protocol):
+    """A stream that holds sessions for itself: ``service.engine.groups.StreamGroup``.
+
+    While a session is held, its lock is the holder's, its step count lives with the holder, and
+    every other path refuses to step, reset or close it (409); attaching it elsewhere takes it
+    over through ``surrender``.
+    """
+
+    def step_count(self, session: Session) -> int:
+        """The held session's current step count."""
+        ...
+
+    def surrender(self, session: Session) -> None:
+        """Let go of ``session`` as soon as no step of it is in flight (its lock is released)."""
+        ...
+
+
 @dataclass(eq=False)
 class Session:
     """One stream of steps through one model version, its state in ``model.pool[slot]``."""
@@ -60,6 +78,12 @@ class Session:
     state: SessionState = SessionState.OPEN
     attachment: int = 0  # id of the websocket attached while streaming
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # steps run one at a time, FIFO
+    holder: Holder | None = None  # the mux stream holding it, if any
+
+    @property
+    def current_step_count(self) -> int:
+        """The step count, from the holder while a mux stream holds the session."""
+        return self.step_count if self.holder is None else self.holder.step_count(self)
 
     def require(self, *allowed: SessionState) -> None:
         """Raise ``SessionStateConflict`` unless the session is in one of ``allowed``."""

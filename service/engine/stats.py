@@ -48,6 +48,7 @@ class BatcherStats:
         self.max_batch_size = 0
         self.queue_delay = LatencyRing()
         self.step_latency = LatencyRing()
+        self.batch_run = LatencyRing(1024)  # seconds inside each ONNX Runtime call
         self.batch_listeners: list[Callable[[int, bool], None]] = []  # e.g. a metrics histogram
 
     def record_batch(self, size: int, failed: bool, steps: int = 0) -> None:
@@ -71,4 +72,5 @@ class BatcherStats:
             "batch_size_max": self.max_batch_size,
             "queue_delay_ms": self.queue_delay.summary(),
             "step_latency_ms": self.step_latency.summary(),
+            "batch_run_ms": self.batch_run.summary(),
         }

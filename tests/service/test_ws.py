@@ -55,7 +55,7 @@ BAD_FRAMES = [
     pytest.param('{"inputs": [[1, "x"]]}', "'inputs[0][1]' is not a number", id="string"),
     pytest.param('{"inputs": [[1, 2, 3]]}', "has 3 values; the model expects 2", id="features"),
     pytest.param('{"inputs": []}', "'inputs' is empty", id="empty"),
-    pytest.param('{"inputs": [[NaN, 1]]}', "malformed JSON frame", id="nan"),
+    pytest.param('{"inputs": [[NaN, 1]]}', "'inputs[0][0]' is nan", id="nan"),
     pytest.param('{"inputs": [[1e39, 1]]}', "beyond float32", id="overflow"),
     pytest.param(json.dumps({"inputs": [[1, 2]] * 65}), "at most 64 steps", id="too-long"),
 ]
