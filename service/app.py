@@ -19,6 +19,7 @@ from service.engine.metrics import Metrics
 from service.engine.sessions import SessionManager
 from service.engine.store import make_store
 from service.settings import Settings
+from service.v2 import repository as v2_repository
 from service.v2 import routes as v2_routes
 from service.v2.sequences import SequenceTable
 
@@ -72,4 +73,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.v2_sequences = SequenceTable()
     app.include_router(v2_routes.health)
     app.include_router(v2_routes.v2)
+    app.include_router(v2_repository.router)
     return app

@@ -1,15 +1,17 @@
-"""What the V2 metadata endpoints say, as plain dicts, shared by the HTTP and gRPC front ends."""
+"""What the V2 metadata and repository endpoints say, as plain dicts, shared by the HTTP and gRPC
+front ends."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from service.engine.dataplane import DataPlane
+from service.engine.manager import IndexEntry
 from service.engine.models import ServedModel
 from service.settings import Settings
 
 SERVER_NAME = "rnnserve"
-EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration", "model_repository"]
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -81,3 +83,11 @@ def model_config(
             "provider": {"string_value": model.provider},
         },
     }
+
+
+def repository_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
+    """Triton's repository index: name, version, state and reason of each model version."""
+    return [
+        {"name": e.name, "version": str(e.version), "state": e.state.value, "reason": e.reason}
+        for e in entries
+    ]
