@@ -49,6 +49,7 @@ class TensorMetadata(BaseModel):
     name: str
     datatype: str
     shape: list[int]
+    optional: bool | None = None  # true on inputs a request may leave out (h0, c0, lengths)
 
 
 class ModelMetadata(BaseModel):
