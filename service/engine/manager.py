@@ -108,6 +108,7 @@ class ModelManager:
         self._retiring: set[ServedModel] = set()
         self._running: set[ServedModel] = set()  # batcher started and not stopped
         self._reported: set[Path] = set()  # odd folders already logged
+        self._folder_error = ""  # why the models folder could not be read last time
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -127,23 +128,26 @@ class ModelManager:
             await self._stop_batcher(model, "service is shutting down")
 
     async def _run(self) -> None:
-        async with self._lock:
-            await self._sync_all(force=True)
+        await self._sync_logged(force=True)
         if not self.dataplane.ready:
             logger.error(
                 "no model loaded from %s; the service stays unready", self.settings.models_dir
             )
-        if self.settings.model_control_mode == "poll":
-            await self._poll()
-
-    async def _poll(self) -> None:
-        while True:
+        while self.settings.model_control_mode == "poll":
             await asyncio.sleep(self.settings.repository_poll_s)
-            try:
-                async with self._lock:
-                    await self._sync_all(force=False)
-            except Exception:  # keep serving what serves, and poll again
-                logger.exception("polling %s failed", self.settings.models_dir)
+            await self._sync_logged(force=False)
+
+    async def _sync_logged(self, force: bool) -> None:
+        try:
+            async with self._lock:
+                await self._sync_all(force)
+            self._folder_error = ""
+        except OSError as exc:  # e.g. the models folder is gone: keep serving what serves
+            if str(exc) != self._folder_error:  # once, not at every poll
+                logger.error("cannot read the models folder: %s; serving what serves", exc)
+            self._folder_error = str(exc)
+        except Exception:  # a bug: log it, keep serving and polling
+            logger.exception("reading the models folder %s failed", self.settings.models_dir)
 
     # -- the repository API -----------------------------------------------------------------
     def index(self, ready_only: bool = False) -> list[IndexEntry]:

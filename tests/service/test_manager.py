@@ -334,6 +334,17 @@ def test_poll_mode_refuses_a_broken_version_until_it_is_fixed(
     assert version_3() == {"name": "tiny", "version": "3", "state": "READY", "reason": ""}
 
 
+def test_poll_mode_keeps_serving_while_the_models_folder_is_gone(
+    explicit_server: Start, triton_client: Connect, own_models_dir: Path, tmp_path: Path
+) -> None:
+    server = explicit_server(model_control_mode="poll", repository_poll_s=0.05)
+    client = triton_client(server)
+    own_models_dir.rename(tmp_path / "elsewhere")  # an unmounted volume, say
+    time.sleep(0.3)  # several polls
+    assert client.is_model_ready("tiny", "1") and client.is_model_ready("tiny", "2")
+    assert [m["state"] for m in client.get_model_repository_index()] == ["READY", "READY"]
+
+
 def test_metrics_follow_loads_and_unloads(
     explicit_server: Start,
     triton_client: Connect,
