@@ -23,11 +23,22 @@ from tritonclient.utils import InferenceServerException
 if TYPE_CHECKING:
     from conftest import LiveServer, TinyGRU
 
-Start = Callable[..., "LiveServer"]  # the explicit_server fixture
-Connect = Callable[["LiveServer"], triton.InferenceServerClient]  # the triton_client fixture
+Serve = Callable[..., tuple["LiveServer", triton.InferenceServerClient]]  # the serve fixture
 
 TOLERANCE = 1e-5
 WAIT_S = 20.0  # bound on every wait for the server to notice a change (2 shared cores)
+
+
+@pytest.fixture
+def serve(explicit_server: Callable[..., LiveServer], triton_client: Callable[..., Any]) -> Serve:
+    """``serve(**settings)``: a live server on ``own_models_dir`` (explicit mode unless told)
+    and a ``tritonclient`` of it."""
+
+    def start(**settings: Any) -> tuple[LiveServer, triton.InferenceServerClient]:
+        server = explicit_server(**settings)
+        return server, triton_client(server)
+
+    return start
 
 
 @pytest.fixture
@@ -88,15 +99,13 @@ def load_model(server: LiveServer) -> None:
 
 
 async def test_a_new_version_loads_while_a_client_streams_to_the_old_one(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     tiny: TinyGRU,
     v3: TinyGRU,
     add_model: Callable[..., Path],
 ) -> None:
-    server = explicit_server()
-    client = triton_client(server)
+    server, client = serve()
     data = chunks(400, seed=1)
     loaded = asyncio.Event()
     async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
@@ -140,8 +149,7 @@ async def test_a_new_version_loads_while_a_client_streams_to_the_old_one(
     ],
 )
 def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     tiny: TinyGRU,
     v3: TinyGRU,
@@ -149,8 +157,7 @@ def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(
     breakage: Callable[[Path], None],
     reason: str,
 ) -> None:
-    server = explicit_server()
-    client = triton_client(server)
+    server, client = serve()
     sent = chunks(2, seed=2)
     with httpx.Client(base_url=server.http_url, timeout=30) as http:
         session_id = open_session(http, 2)
@@ -171,14 +178,12 @@ def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(
 
 
 def test_changed_files_reload_the_version_and_end_its_sessions(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     v3: TinyGRU,
     add_model: Callable[..., Path],
 ) -> None:
-    server = explicit_server()
-    client = triton_client(server)
+    server, client = serve()
     sent = chunks(1, seed=3)
     x = triton.InferInput("x", [1, 1, 2], "FP32")
     x.set_data_from_numpy(np.ones((1, 1, 2), np.float32))
@@ -204,13 +209,11 @@ def test_changed_files_reload_the_version_and_end_its_sessions(
 
 
 def test_broken_changed_files_leave_the_loaded_ones_serving(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     tiny: TinyGRU,
 ) -> None:
-    server = explicit_server()
-    client = triton_client(server)
+    server, client = serve()
     (own_models_dir / "tiny" / "2" / "model.onnx").write_bytes(b"half a file")
     with pytest.raises(InferenceServerException) as info:
         client.load_model("tiny")
@@ -225,15 +228,13 @@ def test_broken_changed_files_leave_the_loaded_ones_serving(
 
 
 async def test_removing_a_version_lets_its_steps_in_flight_finish_then_answers_404(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     tiny_v1: TinyGRU,
 ) -> None:
     # Batches wait a second to fill, so the steps below are still in flight when version 1 goes:
     # the first step of each session queued in the batcher, the second waiting for the first.
-    server = explicit_server(max_batch_delay_ms=1000)
-    client = triton_client(server)
+    server, client = serve(max_batch_delay_ms=1000)
     data = [chunks(2, seed=10 + i) for i in range(6)]
     async with httpx.AsyncClient(base_url=server.http_url, timeout=30) as http:
         ids = [await open_session_async(http, 1) for _ in data]
@@ -283,14 +284,12 @@ def _steps(server: LiveServer) -> float:
 
 
 def test_poll_mode_picks_up_added_and_removed_versions(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     v3: TinyGRU,
     add_model: Callable[..., Path],
 ) -> None:
-    server = explicit_server(model_control_mode="poll", repository_poll_s=0.05)
-    client = triton_client(server)
+    server, client = serve(model_control_mode="poll", repository_poll_s=0.05)
     with httpx.Client(base_url=server.http_url, timeout=30) as http:
         session_id = open_session(http, 1)
         add_model(own_models_dir, "tiny", 3, v3)  # a poll may see it half written: next poll
@@ -309,15 +308,13 @@ def test_poll_mode_picks_up_added_and_removed_versions(
 
 
 def test_poll_mode_refuses_a_broken_version_until_it_is_fixed(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     tmp_path: Path,
     v3: TinyGRU,
     add_model: Callable[..., Path],
 ) -> None:
-    server = explicit_server(model_control_mode="poll", repository_poll_s=0.05)
-    client = triton_client(server)
+    _, client = serve(model_control_mode="poll", repository_poll_s=0.05)
 
     def version_3() -> dict[str, str]:
         return next((m for m in client.get_model_repository_index() if m["version"] == "3"), {})
@@ -335,10 +332,9 @@ def test_poll_mode_refuses_a_broken_version_until_it_is_fixed(
 
 
 def test_poll_mode_keeps_serving_while_the_models_folder_is_gone(
-    explicit_server: Start, triton_client: Connect, own_models_dir: Path, tmp_path: Path
+    serve: Serve, own_models_dir: Path, tmp_path: Path
 ) -> None:
-    server = explicit_server(model_control_mode="poll", repository_poll_s=0.05)
-    client = triton_client(server)
+    _, client = serve(model_control_mode="poll", repository_poll_s=0.05)
     own_models_dir.rename(tmp_path / "elsewhere")  # an unmounted volume, say
     time.sleep(0.3)  # several polls
     assert client.is_model_ready("tiny", "1") and client.is_model_ready("tiny", "2")
@@ -346,22 +342,21 @@ def test_poll_mode_keeps_serving_while_the_models_folder_is_gone(
 
 
 def test_metrics_follow_loads_and_unloads(
-    explicit_server: Start,
-    triton_client: Connect,
+    serve: Serve,
     own_models_dir: Path,
     v3: TinyGRU,
     add_model: Callable[..., Path],
 ) -> None:
-    server = explicit_server()
+    server, client = serve()
     with httpx.Client(base_url=server.http_url, timeout=30) as http:
         for version in (1, 2):
             assert step(http, open_session(http, version), [[1.0, 2.0]]).status_code == 200
         assert {"1", "2"} <= _versions_in_metrics(server)
         shutil.rmtree(own_models_dir / "tiny" / "1")
         add_model(own_models_dir, "tiny", 3, v3)
-        triton_client(server).load_model("tiny")
+        client.load_model("tiny")
         assert _versions_in_metrics(server) == {"2", "3"}
-        triton_client(server).unload_model("tiny")
+        client.unload_model("tiny")
         assert _versions_in_metrics(server) == set()
 
 
