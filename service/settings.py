@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 StoreKind = Literal["memory", "redis"]
+ModelControlMode = Literal["none", "poll", "explicit"]
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -132,3 +133,24 @@ class Settings(BaseSettings):
     @property
     def max_batch_delay_s(self) -> float:
         return self.max_batch_delay_ms / 1000.0
+
+    model_control_mode: ModelControlMode = "none"
+    """How the served models follow the models folder, as in Triton: none (load every valid version
+    at startup, then never change), poll (re-read the folder every repository_poll_s seconds) or
+    explicit (load and unload through POST /v2/repository/models/{name}/load and /unload)."""
+    repository_poll_s: float = Field(default=5.0, gt=0)
+    """Seconds between two reads of the models folder with model_control_mode poll."""
+
+    @field_validator("model_control_mode", mode="before")
+    @classmethod
+    def _lower_case_mode(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value  # Triton writes EXPLICIT, POLL
+
+    @model_validator(mode="after")
+    def _poll_interval_needs_poll_mode(self) -> Settings:
+        if "repository_poll_s" in self.model_fields_set and self.model_control_mode != "poll":
+            raise ValueError(
+                "repository_poll_s applies only with model_control_mode poll "
+                f"(model_control_mode is {self.model_control_mode})"
+            )
+        return self

@@ -196,12 +196,17 @@ class Batcher:
         meta = self.runtime.metadata
         self._task = asyncio.create_task(self._serve(), name=f"batcher {meta.name}/{meta.version}")
 
-    async def stop(self) -> None:
-        """Stop the loop and fail every request still waiting or running."""
+    @property
+    def busy(self) -> bool:
+        """Whether a request is queued or running."""
+        return bool(self._queue or self._carry or self._running)
+
+    async def stop(self, reason: str = "service is shutting down") -> None:
+        """Stop the loop and fail every request still waiting or running with 503 ``reason``."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        error = Unavailable("service is shutting down")
+        error = Unavailable(reason)
         waiting = [*self._running, *self._carry, *self._queue]
         self._queue.clear()
         for chunk in waiting:

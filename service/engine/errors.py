@@ -85,10 +85,52 @@ class SessionNotFound(NotFound):
         super().__init__(f"session {session_id!r} not found")
 
 
+class SessionModelUnloaded(NotFound):
+    """The session's model version was unloaded (or reloaded from changed files) meanwhile."""
+
+    def __init__(
+        self, session_id: str, model: str, version: int, served: Iterable[int], reloaded: bool
+    ) -> None:
+        # The model and versions come first: a websocket close reason keeps only 123 bytes.
+        versions = ", ".join(str(v) for v in sorted(served)) or "none"
+        what = "was reloaded from changed files" if reloaded else "was unloaded"
+        super().__init__(
+            f"model {model!r} version {version} {what} (served versions: {versions}); "
+            f"session {session_id!r} ended with it; create a new session"
+        )
+
+
+class ModelNotInRepository(NotFound):
+    def __init__(self, action: str, name: str, available: Iterable[str]) -> None:
+        names = ", ".join(sorted(available)) or "none"
+        super().__init__(
+            f"failed to {action} {name!r}: the models folder has no model {name!r} and none is "
+            f"loaded; models there: {names}"
+        )
+
+
 class SessionExpired(NotFound):
     def __init__(self, session_id: str, idle_ttl_s: float) -> None:
         super().__init__(
             f"session {session_id!r} expired after {idle_ttl_s:g} s idle; create a new session"
+        )
+
+
+class InvalidModelName(BadRequest):
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"{name!r} is not a valid model name: lower-case letters, digits, '.', '_' and '-', "
+            "starting with a letter or a digit"
+        )
+
+
+class ModelLoadRefused(BadRequest):
+    """Versions of a model that cannot serve, each with its reason; the others serve."""
+
+    def __init__(self, name: str, refusals: Iterable[str], serving: Iterable[int]) -> None:
+        versions = ", ".join(str(v) for v in sorted(serving)) or "none"
+        super().__init__(
+            f"failed to load {name!r}: {'; '.join(refusals)} (versions serving: {versions})"
         )
 
 
@@ -191,6 +233,19 @@ class QueueFull(Unavailable):
     def __init__(self, model: str, version: int, depth: int) -> None:
         super().__init__(
             f"model {model!r} version {version} is overloaded: {depth} chunks already queued"
+        )
+
+
+class ModelControlDisabled(ServiceError):
+    """Load and unload requests outside explicit mode (Triton answers these as unavailable)."""
+
+    status_code = 503
+
+    def __init__(self, mode: str) -> None:
+        why = "if polling is enabled" if mode == "poll" else f"in model control mode {mode!r}"
+        super().__init__(
+            f"explicit model load / unload is not allowed {why}; start the service with "
+            "--model-control-mode explicit to load and unload models through this API"
         )
 
 

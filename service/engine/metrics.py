@@ -94,6 +94,11 @@ class Metrics:
         sizes = self.batch_size.labels(model.name, str(model.version))
         model.batcher.stats.batch_listeners.append(lambda size, _failed: sizes.observe(size))
 
+    def forget_model(self, name: str, version: int) -> None:
+        """Drop the series of an unloaded model version (the gauges follow the served models)."""
+        self.step_latency.remove(name, version)
+        self.batch_size.remove(name, str(version))  # made by ``observe_batches`` at load
+
     def watch(self, dataplane: Callable[[], MetricsSource | None]) -> None:
         """Export the data plane's gauges at scrape time (``dataplane()`` may be None early)."""
         self.registry.register(_DataPlaneCollector(dataplane))
@@ -172,6 +177,9 @@ class LatencyHistogram(Collector):
             found = self._series[(model, version)] = LatencySeries(self._bounds)
         return found
 
+    def remove(self, model: str, version: int) -> None:
+        self._series.pop((model, version), None)
+
     def collect(self) -> Iterable[Metric]:
         family = HistogramMetricFamily(self._name, self._documentation, labels=["model", "version"])
         for (model, version), series in self._series.items():
@@ -205,7 +213,8 @@ def _session_metrics(dataplane: MetricsSource) -> list[Metric]:
     active.add_metric([], len(dataplane.sessions))
     evictions = CounterMetricFamily(
         "rnnserve_session_evictions",
-        "Sessions ended or dropped from memory, by reason (idle, capacity, store, deleted).",
+        "Sessions ended or dropped from memory, by reason (idle, capacity, store, deleted, "
+        "unloaded).",
         labels=["reason"],
     )
     for reason, count in sorted(dataplane.sessions.evictions.items()):

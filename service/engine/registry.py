@@ -63,16 +63,32 @@ def scan_models_dir(models_dir: Path) -> tuple[list[ModelSpec], list[SkippedMode
 
 def _version_dirs(models_dir: Path, skipped: list[SkippedModel]) -> list[Path]:
     found = []
+    for name_dir in model_dirs(models_dir, skipped):
+        found += version_dirs(name_dir, skipped)
+    return found
+
+
+def model_dirs(models_dir: Path, skipped: list[SkippedModel]) -> list[Path]:
+    """The ``<name>`` folders with a valid model name, sorted; the others go to ``skipped``."""
+    found = []
     for name_dir in sorted(p for p in models_dir.iterdir() if p.is_dir()):
         if not re.match(MODEL_NAME_PATTERN, name_dir.name):
             skipped.append(SkippedModel(name_dir, f"{name_dir.name!r} is not a valid model name"))
             continue
-        for version_dir in sorted(p for p in name_dir.iterdir() if p.is_dir()):
-            if not (version_dir.name.isdigit() and int(version_dir.name) >= 1):
-                reason = f"version folder {version_dir.name!r} is not a positive integer"
-                skipped.append(SkippedModel(version_dir, reason))
-                continue
-            found.append(version_dir)
+        found.append(name_dir)
+    return found
+
+
+def version_dirs(name_dir: Path, skipped: list[SkippedModel]) -> list[Path]:
+    """The ``<version>`` folders of one model, sorted; folders not named by a positive integer go
+    to ``skipped``."""
+    found = []
+    for version_dir in sorted(p for p in name_dir.iterdir() if p.is_dir()):
+        if not (version_dir.name.isdigit() and int(version_dir.name) >= 1):
+            reason = f"version folder {version_dir.name!r} is not a positive integer"
+            skipped.append(SkippedModel(version_dir, reason))
+            continue
+        found.append(version_dir)
     return found
 
 

@@ -14,6 +14,7 @@ from typing import Protocol
 from service.engine.errors import (
     SessionExpired,
     SessionLimitReached,
+    SessionModelUnloaded,
     SessionNotFound,
     SessionStateConflict,
 )
@@ -34,7 +35,8 @@ def new_session_id() -> str:
 class SessionState(Enum):
     """open: idle or stepped over HTTP; streaming: a websocket is attached; closed and expired are
     final (the slot is back in the pool); evicted: dropped from this replica's memory while a
-    durable store keeps it (the next request loads it again, here or on any replica)."""
+    durable store keeps it (the next request loads it again, here or on any replica), or because
+    its model version was unloaded (the next request learns why)."""
 
     OPEN = "open"
     STREAMING = "streaming"
@@ -58,8 +60,9 @@ class Holder(Protocol):
         """The held session's current step count."""
         ...
 
-    def surrender(self, session: Session) -> None:
-        """Let go of ``session`` as soon as no step of it is in flight (its lock is released)."""
+    def surrender(self, session: Session, reason: str | None = None) -> None:
+        """Let go of ``session`` as soon as no step of it is in flight (its lock is released);
+        ``reason`` says why, to the stream's client."""
         ...
 
 
@@ -94,6 +97,21 @@ class Session:
         self.last_used = time.monotonic()
 
 
+@dataclass(frozen=True)
+class UnloadedVersion:
+    """A model version taken out of service, and the versions of its model still served then."""
+
+    model: str
+    version: int
+    served: tuple[int, ...]
+    reloaded: bool = False  # the same version number came back with changed files
+
+    def error(self, session_id: str) -> SessionModelUnloaded:
+        return SessionModelUnloaded(
+            session_id, self.model, self.version, self.served, self.reloaded
+        )
+
+
 class SessionManager:
     """All live sessions of this process. Used from the event loop thread only.
 
@@ -108,6 +126,7 @@ class SessionManager:
         self.evictions: Counter[str] = Counter()  # ended or evicted sessions, by reason
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._expired: OrderedDict[str, None] = OrderedDict()
+        self._unloaded: OrderedDict[str, tuple[str | None, UnloadedVersion]] = OrderedDict()
         self._attachments = 0
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -161,6 +180,9 @@ class SessionManager:
         if session is None or session.owner != owner:
             if session is None and session_id in self._expired:
                 raise SessionExpired(session_id, self.idle_ttl_s)
+            unloaded = self._unloaded.get(session_id) if session is None else None
+            if unloaded is not None and unloaded[0] == owner:
+                raise unloaded[1].error(session_id)
             raise SessionNotFound(session_id)
         return session
 
@@ -222,6 +244,30 @@ class SessionManager:
             self._expired[session.id] = None
             if len(self._expired) > EXPIRED_IDS_REMEMBERED:
                 self._expired.popitem(last=False)
+
+    def detach_model(self, model: ServedModel, why: UnloadedVersion) -> list[Session]:
+        """Take the sessions of ``model`` (a version being unloaded) out of the lookup at once.
+
+        Steps that already hold a session object finish; new requests no longer find the session:
+        without a durable store they get ``why`` as a 404, with one the store keeps the session
+        (another replica may serve its version). End each with ``end_detached`` once its steps
+        are done.
+        """
+        detached = [s for s in self._sessions.values() if s.model is model]
+        for session in detached:
+            del self._sessions[session.id]
+            if not self.durable:
+                self._unloaded[session.id] = (session.owner, why)
+        while len(self._unloaded) > EXPIRED_IDS_REMEMBERED:
+            self._unloaded.popitem(last=False)
+        return detached
+
+    def end_detached(self, session: Session) -> None:
+        """End a session taken out by ``detach_model``; a step still waiting looks it up again."""
+        if session.state is not SessionState.EVICTED:
+            session.state = SessionState.EVICTED
+            session.model.pool.release(session.slot)
+            self.evictions["unloaded"] += 1
 
     def close_all(self) -> None:
         for session in list(self._sessions.values()):

@@ -1,15 +1,23 @@
-"""What the V2 metadata endpoints say, as plain dicts, shared by the HTTP and gRPC front ends."""
+"""What the V2 metadata and repository endpoints say, as plain dicts, shared by the HTTP and gRPC
+front ends.
+
+The state inputs (``h0``, ``c0``) and ``lengths`` are optional (``"optional": true``, Triton's
+model-config flag): a sequence keeps its state in the server, and a missing ``lengths`` means full
+rows. Triton's tools (perf_analyzer) then send ``x`` alone. The JSON metadata carries the same flag
+on those inputs; a protobuf front end drops it, as its ``TensorMetadata`` has no such field.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from service.engine.dataplane import DataPlane
+from service.engine.manager import IndexEntry
 from service.engine.models import ServedModel
 from service.settings import Settings
 
 SERVER_NAME = "rnnserve"
-EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "sequence", "model_configuration", "model_repository"]
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -18,17 +26,23 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": version, "extensions": EXTENSIONS}
 
 
-def _tensor(name: str, dims: list[int], datatype: str = "FP32") -> dict[str, Any]:
-    return {"name": name, "datatype": datatype, "shape": dims}
+def _tensor(
+    name: str, dims: list[int], datatype: str = "FP32", optional: bool = False
+) -> dict[str, Any]:
+    tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": dims}
+    if optional:
+        tensor["optional"] = True
+    return tensor
 
 
 def signature(model: ServedModel) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The model's V2 inputs and outputs (name, datatype, shape with -1 for dynamic sizes)."""
+    """The model's V2 inputs and outputs (name, datatype, shape with -1 for dynamic sizes, and
+    ``"optional": true`` on the inputs a request may leave out)."""
     meta = model.metadata
     state = [meta.num_layers, -1, meta.hidden_size]
     inputs = [_tensor("x", [-1, -1, meta.input_size])]
-    inputs += [_tensor(name, state) for name in meta.state_inputs]
-    inputs.append(_tensor("lengths", [-1], "INT64"))
+    inputs += [_tensor(name, state, optional=True) for name in meta.state_inputs]
+    inputs.append(_tensor("lengths", [-1], "INT64", optional=True))
     outputs = [_tensor("y", [-1, -1, meta.output_size])]
     outputs += [_tensor(name, state) for name in meta.state_outputs]
     return inputs, outputs
@@ -58,7 +72,12 @@ def model_config(
 
     def dims(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [
-            {"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"]}
+            {
+                "name": t["name"],
+                "data_type": f"TYPE_{t['datatype']}",
+                "dims": t["shape"],
+                **({"optional": True} if t.get("optional") else {}),
+            }
             for t in tensors
         ]
 
@@ -81,3 +100,11 @@ def model_config(
             "provider": {"string_value": model.provider},
         },
     }
+
+
+def repository_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
+    """Triton's repository index: name, version, state and reason of each model version."""
+    return [
+        {"name": e.name, "version": str(e.version), "state": e.state.value, "reason": e.reason}
+        for e in entries
+    ]

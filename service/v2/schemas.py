@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, RootModel
 
 
-def _example(example: dict[str, Any]) -> ConfigDict:
+def _example(example: Any) -> ConfigDict:  # a JSON object, or a list for a RootModel
     return ConfigDict(json_schema_extra={"examples": [example]})
 
 
@@ -32,7 +32,12 @@ class ServerMetadata(BaseModel):
         {
             "name": "rnnserve",
             "version": "0.1.0",
-            "extensions": ["binary_tensor_data", "sequence", "model_configuration"],
+            "extensions": [
+                "binary_tensor_data",
+                "sequence",
+                "model_configuration",
+                "model_repository",
+            ],
         }
     )
     name: str
@@ -44,6 +49,7 @@ class TensorMetadata(BaseModel):
     name: str
     datatype: str
     shape: list[int]
+    optional: bool | None = None  # true on inputs a request may leave out (h0, c0, lengths)
 
 
 class ModelMetadata(BaseModel):
@@ -120,3 +126,34 @@ INFER_REQUEST_EXAMPLE = {
         "required": True,
     }
 }
+
+
+class RepositoryIndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str  # READY, LOADING, UNLOADING or UNAVAILABLE
+    reason: str
+
+
+class RepositoryIndex(RootModel[list[RepositoryIndexEntry]]):
+    model_config = _example(
+        [
+            {"name": "co2-forecaster", "version": "1", "state": "READY", "reason": ""},
+            {
+                "name": "co2-forecaster",
+                "version": "2",
+                "state": "UNAVAILABLE",
+                "reason": "sha256 of model.onnx is 3f1c..., metadata.json records 9b2e...",
+            },
+        ]
+    )
+
+
+def body_example(example: dict[str, Any]) -> dict[str, Any]:
+    """An optional JSON request body with an example, for ``openapi_extra``."""
+    return {
+        "requestBody": {
+            "content": {"application/json": {"example": example}},
+            "required": False,
+        }
+    }

@@ -327,7 +327,8 @@ def make_server(models_dir: Path) -> Iterator[Callable[..., LiveServer]]:
     servers: list[LiveServer] = []
 
     def build(**overrides: Any) -> LiveServer:
-        settings = make_settings(models_dir, **overrides)
+        folder = overrides.pop("models_dir", models_dir)
+        settings = make_settings(folder, **overrides)
         server = LiveServer(create_app(settings), settings)
         server.start()
         servers.append(server)
@@ -341,3 +342,46 @@ def make_server(models_dir: Path) -> Iterator[Callable[..., LiveServer]]:
 @pytest.fixture
 def server(make_server: Callable[..., LiveServer]) -> LiveServer:
     return make_server()
+
+
+@pytest.fixture
+def own_models_dir(tmp_path: Path, tiny: TinyGRU, tiny_v1: TinyGRU) -> Path:
+    """A models folder of the test's own, which it may change under a running server: ``tiny``
+    versions 1 and 2 (2 is the default)."""
+    root = tmp_path / "models"
+    write_model(root, "tiny", 1, tiny_v1)
+    write_model(root, "tiny", 2, tiny)
+    return root
+
+
+@pytest.fixture
+def explicit_server(
+    make_server: Callable[..., LiveServer], own_models_dir: Path
+) -> Callable[..., LiveServer]:
+    """``explicit_server(**settings)``: a live server on ``own_models_dir`` whose models load and
+    unload through the repository API (``model_control_mode`` explicit, unless overridden)."""
+
+    def build(**overrides: Any) -> LiveServer:
+        settings = {"models_dir": own_models_dir, "model_control_mode": "explicit", **overrides}
+        return make_server(**settings)
+
+    return build
+
+
+@pytest.fixture
+def triton_client() -> Iterator[Callable[[LiveServer], Any]]:
+    """``triton_client(server)``: an unmodified ``tritonclient.http`` client of a live server
+    (use it from the test's thread: its gevent hub is per thread)."""
+    import tritonclient.http
+
+    clients: list[Any] = []
+
+    def connect(server: LiveServer) -> Any:
+        url = server.http_url.removeprefix("http://")
+        client = tritonclient.http.InferenceServerClient(url, network_timeout=30.0)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()

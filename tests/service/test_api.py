@@ -411,8 +411,8 @@ def test_openapi_has_examples_on_every_endpoint(client: TestClient) -> None:
         for method, operation in methods.items():
             ok = next(r for code, r in operation["responses"].items() if code.startswith("2"))
             content = ok.get("content", {}).get("application/json")
-            if content is None:
-                assert method == "delete", path
+            if content is None:  # no body: a delete, or a load or unload (empty, as in Triton)
+                assert method == "delete" or path.startswith("/v2/repository/models/"), path
                 continue
             ref = content["schema"]["$ref"].rsplit("/", 1)[-1]
             assert "examples" in schemas[ref] or ref == "ModelList", (path, ref)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,22 +9,12 @@ from typing import TYPE_CHECKING
 
 import onnx
 import pytest
+from model_files import break_sha, edit_metadata, garbage_onnx
 
 from service.engine.registry import read_model_dir, scan_models_dir
 
 if TYPE_CHECKING:
     from conftest import TestClient, TinyGRU
-
-
-def edit_metadata(folder: Path, **changes: object) -> None:
-    path = folder / "metadata.json"
-    metadata = json.loads(path.read_text())
-    metadata.update(changes)
-    path.write_text(json.dumps(metadata))
-
-
-def break_sha(folder: Path) -> None:
-    edit_metadata(folder, sha256="0" * 64)
 
 
 def break_json(folder: Path) -> None:
@@ -51,12 +39,6 @@ def wrong_state_names(folder: Path) -> None:
 
 def wrong_name(folder: Path) -> None:
     edit_metadata(folder, name="other")
-
-
-def garbage_onnx(folder: Path) -> None:
-    data = b"not an onnx file"
-    (folder / "model.onnx").write_bytes(data)
-    edit_metadata(folder, sha256=hashlib.sha256(data).hexdigest())
 
 
 BREAKAGES = [

@@ -62,6 +62,13 @@ def test_every_setting_has_a_flag_with_help() -> None:
         pytest.param(
             {"max_batch_size": 10, "max_queue_depth": 5}, "must not exceed", id="batch-vs-queue"
         ),
+        pytest.param({"model_control_mode": "auto"}, "'none', 'poll' or 'explicit'", id="mode"),
+        pytest.param(
+            {"model_control_mode": "poll", "repository_poll_s": 0}, "greater than 0", id="poll-s"
+        ),
+        pytest.param(
+            {"repository_poll_s": 1}, "applies only with model_control_mode poll", id="poll-only"
+        ),
     ],
 )
 def test_bad_settings_fail_at_startup(
@@ -76,3 +83,12 @@ def test_cli_exits_with_a_readable_message(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         settings_from_args(["--models-dir", str(tmp_path), "--max-sessions", "zero"])
     assert "invalid settings" in str(info.value) and "max_sessions" in str(info.value)
+
+
+def test_model_control_mode_takes_tritons_spelling(tmp_path: Path) -> None:
+    explicit = Settings(models_dir=tmp_path, model_control_mode="EXPLICIT")  # type: ignore[arg-type]
+    assert explicit.model_control_mode == "explicit"
+    flags = ["--models-dir", str(tmp_path), "--model-control-mode", "poll"]
+    poll = settings_from_args([*flags, "--repository-poll-s", "0.5"])
+    assert (poll.model_control_mode, poll.repository_poll_s) == ("poll", 0.5)
+    assert Settings(models_dir=tmp_path).model_control_mode == "none"

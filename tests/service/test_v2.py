@@ -68,6 +68,19 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     assert "sequence_batching" in config
 
 
+def test_state_and_lengths_inputs_are_optional(client: triton.InferenceServerClient) -> None:
+    config = client.get_model_config("tiny")
+    optional = {i["name"]: i.get("optional", False) for i in config["input"]}
+    assert optional == {"x": False, "h0": True, "lengths": True}
+    meta = client.get_model_metadata("tiny")
+    assert {i["name"]: i.get("optional", False) for i in meta["inputs"]} == optional
+    assert meta["inputs"][0] == {"name": "x", "datatype": "FP32", "shape": [-1, -1, 2]}
+    result = client.infer(
+        "tiny", [_x_input(np.ones((1, 2, 2)))], sequence_id=3, sequence_start=True
+    )
+    assert result.as_numpy("y").shape == (1, 2, 1)  # x alone, as Triton's tools send it
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_stateless_infer_equals_the_native_api(
     client: triton.InferenceServerClient, live: Any, binary: bool
