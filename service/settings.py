@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     """Connect and reply timeout for Redis; past it a request fails with 503."""
     shutdown_timeout_s: int = Field(default=10, ge=0)
     """On SIGTERM, seconds for requests and batches in flight to finish; then they are cancelled."""
+    cuda_graphs: bool = True
+    """On the CUDA provider with the device state pool, replay single-step batches as CUDA graphs
+    (one per batch-size bucket, batches padded up to their bucket); a model that cannot be
+    captured logs one line and runs without them. No effect on the CPU provider."""
+    cuda_tf32: bool = False
+    """Let the CUDA provider compute float32 matmuls in TF32 (faster on Ampere and newer, about
+    1e-3 relative error); off, outputs equal the CPU provider's to about 1e-5."""
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod
