@@ -16,11 +16,11 @@ from service.api import metrics as metrics_api
 from service.api.limits import BodySizeLimit
 from service.engine.batcher import Batcher
 from service.engine.dataplane import DataPlane
-from service.engine.device_pool import DevicePool, StateLayout
+from service.engine.device_pool import DevicePool, StateLayout, buckets_up_to
 from service.engine.metrics import Metrics
 from service.engine.models import ModelRepository, ServedModel
 from service.engine.registry import ModelSpec, scan_models_dir
-from service.engine.runtime import ModelRuntime
+from service.engine.runtime import ModelRuntime, cuda_options
 from service.engine.sessions import SessionManager
 from service.engine.state_pool import SlotPool, StatePool
 from service.engine.store import make_store
@@ -107,7 +107,9 @@ async def load_models(settings: Settings, dataplane: DataPlane, executor: Execut
 
 
 def _runtime(spec: ModelSpec, settings: Settings) -> ModelRuntime:
-    return ModelRuntime(spec, settings.providers, settings.intra_op_threads)
+    return ModelRuntime(
+        spec, settings.providers, settings.intra_op_threads, cuda_tf32=settings.cuda_tf32
+    )
 
 
 def _pool(runtime: ModelRuntime, settings: Settings) -> SlotPool:
@@ -125,6 +127,8 @@ def _pool(runtime: ModelRuntime, settings: Settings) -> SlotPool:
         max_slots=settings.max_sessions,
         device="cuda" if on_cuda else "cpu",
         intra_op_threads=settings.intra_op_threads,
+        provider_options=cuda_options(settings.cuda_tf32) if on_cuda else None,
+        buckets=buckets_up_to(settings.max_batch_size) if on_cuda and settings.cuda_graphs else (),
     )
 
 

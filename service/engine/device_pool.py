@@ -289,6 +289,13 @@ def grow_model(layout: StateLayout) -> onnx.ModelProto:
 # -- the pool ---------------------------------------------------------------------------------
 
 
+def buckets_up_to(max_batch_size: int, sizes: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The buckets a batcher of ``max_batch_size`` can fill: those below it and the next one up."""
+    ordered = sorted(sizes)
+    kept = [size for size in ordered if size < max_batch_size]
+    return (*kept, *[size for size in ordered if size >= max_batch_size][:1])
+
+
 def _session(model: onnx.ModelProto, providers: ProviderList, threads: int) -> ort.InferenceSession:
     first = providers[0] if isinstance(providers[0], str) else providers[0][0]
     options = session_options(threads, on_cpu=first == CPU)

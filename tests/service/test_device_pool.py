@@ -505,3 +505,18 @@ def test_a_model_without_fixed_step_graphs_falls_back_in_one_line(
 def test_buckets_need_an_in_place_pool(tiny_onnx: Path) -> None:
     with pytest.raises(DevicePoolError, match="in-place"):
         make_pool(tiny_onnx, GRU_LAYOUT, buckets=(1,), in_place=False)
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "expected"),
+    [
+        pytest.param(1, (1,), id="one"),
+        pytest.param(256, (1, 8, 64, 512), id="default-batcher"),
+        pytest.param(512, (1, 8, 64, 512), id="on-a-bucket"),
+        pytest.param(65_536, (1, 8, 64, 512, 4096), id="beyond-the-largest"),
+    ],
+)
+def test_buckets_stop_at_the_first_that_holds_a_full_batch(
+    max_batch_size: int, expected: tuple[int, ...]
+) -> None:
+    assert device_pool.buckets_up_to(max_batch_size) == expected
