@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import errors, rest, ws
+from service.api import docs, errors, rest, ws
 from service.api import metrics as metrics_api
 from service.api.limits import BodySizeLimit
 from service.engine.batcher import Batcher
@@ -68,12 +68,20 @@ def create_app(settings: Settings) -> FastAPI:
                 await store.close()
             executor.shutdown(wait=True, cancel_futures=True)
 
-    app = FastAPI(title="rnnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="rnnserve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # docs.install serves them without a CDN
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.metrics.watch(lambda: getattr(app.state, "dataplane", None))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     errors.install(app)
+    docs.install(app)
     app.include_router(rest.health)
     app.include_router(rest.api)
     app.include_router(ws.router)
