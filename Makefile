@@ -51,7 +51,7 @@ default-model: venv
 	$(BIN)/python -m training train --cell gru --task co2 --difference --hidden-size 48 --num-layers 1 \
 		--epochs 60 --seed 0 --no-progress --plot --out runs/co2-gru
 	$(BIN)/python -m training export runs/co2-gru/checkpoint.pt --out models/co2-forecaster/1 \
-		--name co2-forecaster --version 1
+		--name co2-forecaster --version 1 --force
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
