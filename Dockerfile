@@ -21,7 +21,9 @@ RUN case "${VARIANT}" in cpu|gpu) ;; *) echo "VARIANT must be cpu or gpu" >&2; e
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
+# onnx's backend test data (17 MB) is never used by the service; pip is not needed at run time.
 RUN pip install --no-cache-dir --no-deps . \
+    && rm -rf /opt/venv/lib/python*/site-packages/onnx/backend/test \
     && pip uninstall --yes pip
 
 # -- service: the image ---------------------------------------------------------------------------

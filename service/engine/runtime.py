@@ -110,11 +110,10 @@ def resolve_providers(
 
     NVIDIA providers are dropped (and the reason logged once) when no driver or GPU is there.
     """
+    if any(p in NVIDIA for p in wanted) and not status().usable:
+        wanted = [p for p in wanted if p not in NVIDIA]
     available = set(ort.get_available_providers())
-    chosen = [p for p in wanted if p in available]
-    if any(p in NVIDIA for p in chosen) and not status().usable:
-        chosen = [p for p in chosen if p not in NVIDIA]
-    return chosen or [CPU]
+    return [p for p in wanted if p in available] or [CPU]
 
 
 def cuda_options(cuda_tf32: bool = False) -> dict[str, str]:
