@@ -99,19 +99,16 @@ def install_wheels(folder: Path, site: Path) -> None:
 
 @dataclass(frozen=True)
 class Result:
-    """One measured row, as printed."""
+    """A load generator row and what this script adds to it."""
 
-    mode: str
-    sessions: int
-    steps_per_s: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    mismatches: int
-    checked: int
-    server_cpu_us: float  # server CPU time per answered step
-    mean_batch: float
-    batch_run_ms: str  # p50/p99 of one model call per batch, from /v1/stats, or why not
+    row: Any  # loadgen.Row: mode, sessions, steps/s, latency, errors, mismatches, CPU, batch
+    batch_run_ms: str  # p50/p99 of one model call per batch, from /v1/stats, or "n/a"
+
+    @property
+    def server_cpu_us(self) -> float:
+        """The server's CPU time per answered step, in microseconds."""
+        row = self.row
+        return row.server_cpu / row.steps_per_s * 1e6 if row.steps_per_s else float("nan")
 
 
 def available_modes(loadgen: Any) -> list[str]:
@@ -166,15 +163,15 @@ def measure(loadgen: Any, args: argparse.Namespace) -> tuple[list[Result], list[
             print(f"service: {model.describe()} on {provider}; {_settings(env)}", flush=True)
             print(loadgen.HEADER, flush=True)
             for row in loadgen.measure("gpu", server, model, load_args):
-                results.append(_result(row, batch_run_ms(loadgen, server)))
+                results.append(Result(row, batch_run_ms(loadgen, server)))
         log.seek(0)
         lines = log.read().splitlines()
     problems += [f"service log: {line}" for line in lines if ERROR_LINE.search(line)][:10]
-    for row in results:
-        if row.errors or row.mismatches or not row.checked:
+    for row in (result.row for result in results):
+        if row.errors or row.mismatches or not row.steps:
             problems.append(
                 f"{row.mode} x {row.sessions}: {row.errors} errors, {row.mismatches} "
-                f"mismatches, {row.checked} steps checked"
+                f"mismatches, {row.steps} steps checked"
             )
     notes = [line.split(": ", 1)[-1] for line in lines if "step graphs" in line or "CUDA" in line]
     return results, problems + [f"note: {n}" for n in notes[:5]]
@@ -202,23 +199,6 @@ def _server(loadgen: Any, model: Any, port: int, env: dict[str, str], log: Any) 
 
 def _settings(env: dict[str, str]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
-
-
-def _result(row: Any, run_ms: str) -> Result:
-    per_step = row.server_cpu / row.steps_per_s * 1e6 if row.steps_per_s else float("nan")
-    return Result(
-        mode=row.mode,
-        sessions=row.sessions,
-        steps_per_s=row.steps_per_s,
-        p50_ms=row.p50_ms,
-        p99_ms=row.p99_ms,
-        errors=row.errors,
-        mismatches=row.mismatches,
-        checked=row.steps,
-        server_cpu_us=per_step,
-        mean_batch=row.mean_batch,
-        batch_run_ms=run_ms,
-    )
 
 
 # ----------------------------------------------------------------------------- model call alone
@@ -259,11 +239,12 @@ HEADER = (
 
 def table(results: list[Result]) -> str:
     lines = [HEADER, "-" * len(HEADER)]
-    for r in results:
+    for result in results:
+        r = result.row
         lines.append(
             f"{r.mode:<6}{r.sessions:>9}{r.steps_per_s:>13,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-            f"{r.errors:>8}{r.mismatches:>10}{r.checked:>11,}{r.server_cpu_us:>17.1f}"
-            f"{r.mean_batch:>8.1f}{r.batch_run_ms:>22}"
+            f"{r.errors:>8}{r.mismatches:>10}{r.steps:>11,}{result.server_cpu_us:>17.1f}"
+            f"{r.mean_batch:>8.1f}{result.batch_run_ms:>22}"
         )
     return "\n".join(lines)
 

@@ -32,14 +32,14 @@ def install(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui(request: Request) -> HTMLResponse:
-        root = _root(request)
+        root, assets, spec = _urls(app, request)
         return get_swagger_ui_html(
-            openapi_url=root + (app.openapi_url or "/openapi.json"),
+            openapi_url=spec,
             title=f"{app.title} - Swagger UI",
             oauth2_redirect_url=root + OAUTH2_REDIRECT,
-            swagger_js_url=f"{root}{ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{ASSETS}/favicon.png",
+            swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{assets}/swagger-ui.css",
+            swagger_favicon_url=f"{assets}/favicon.png",
             swagger_ui_parameters={"validatorUrl": None},
         )
 
@@ -49,17 +49,20 @@ def install(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request) -> HTMLResponse:
-        root = _root(request)
+        _, assets, spec = _urls(app, request)
+        js, icon = f"{assets}/redoc.standalone.js", f"{assets}/favicon.png"
+        title = f"{app.title} - ReDoc"
         return get_redoc_html(
-            openapi_url=root + (app.openapi_url or "/openapi.json"),
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{ASSETS}/favicon.png",
+            openapi_url=spec,
+            title=title,
+            redoc_js_url=js,
+            redoc_favicon_url=icon,
             with_google_fonts=False,
         )
 
 
-def _root(request: Request) -> str:
-    """The path prefix the app is mounted under (``root_path``), as FastAPI's own pages use it."""
-    root: str = request.scope.get("root_path", "")
-    return root.rstrip("/")
+def _urls(app: FastAPI, request: Request) -> tuple[str, str, str]:
+    """The path prefix the app is mounted under (``root_path``, as FastAPI's own pages use it),
+    the assets' URL and the OpenAPI document's URL."""
+    root: str = request.scope.get("root_path", "").rstrip("/")
+    return root, root + ASSETS, root + (app.openapi_url or "/openapi.json")
