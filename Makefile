@@ -5,18 +5,31 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint system-packages clean default-model
+# `make serve` installs only what serving needs (no torch, no dev tools). Where `nvidia-smi -L`
+# lists a GPU it adds onnxruntime-gpu's CUDA 13 and cuDNN 9 runtime wheels (the `cuda` extra);
+# a CPU machine never downloads them. `make venv` (and so `make test`) adds everything else.
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+SERVE_EXTRAS := $(if $(filter gpu,$(GPU)),serve$(COMMA)cuda,serve)
+COMMA := ,
 
-$(BIN)/.installed: pyproject.toml
+.PHONY: venv serve-venv serve test lint system-packages clean default-model
+
+$(BIN)/.serve-$(GPU): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[$(SERVE_EXTRAS)]"
+	touch $@
+
+$(BIN)/.installed: pyproject.toml $(BIN)/.serve-$(GPU)
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[train,serve,dev]"
 	touch $@
 
 venv: $(BIN)/.installed
 
-serve: venv
+serve-venv: $(BIN)/.serve-$(GPU)
+
+serve: serve-venv
 	$(BIN)/python -m service --host $(HOST) --port $(PORT) --models-dir models
 
 lint: venv
@@ -38,7 +51,7 @@ default-model: venv
 	$(BIN)/python -m training train --cell gru --task co2 --difference --hidden-size 48 --num-layers 1 \
 		--epochs 60 --seed 0 --no-progress --plot --out runs/co2-gru
 	$(BIN)/python -m training export runs/co2-gru/checkpoint.pt --out models/co2-forecaster/1 \
-		--name co2-forecaster --version 1
+		--name co2-forecaster --version 1 --force
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

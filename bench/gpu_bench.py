@@ -9,8 +9,10 @@ in one ONNX Runtime call through IOBinding; only x goes in and y comes out. ``ho
 service does with the numpy ``StatePool``: gather on the host, ``InferenceSession.run`` with numpy
 feeds, scatter on the host. ``copy`` rows run the device pool with double buffering
 (``in_place=False``), which copies the whole pool every call: their difference with ``device`` at
-the same pool size is the price of that copy. The footer checks parity against the CPU provider
-(CUDA with ``use_tf32=0``) over a few steps: outputs and the states left in the pool.
+the same pool size is the price of that copy. ``graph`` rows run single steps on the pool's
+fixed-shape bucket graphs, which on CUDA are replayed as CUDA graphs (the service's default
+there, ``--cuda-graphs``). The footer checks parity against the CPU provider (CUDA with
+``use_tf32=0``) over a few steps: outputs and the states left in the pool.
 
 Needs numpy, onnx and onnxruntime(-gpu) only: no torch, no fastapi, no pydantic.
 """
@@ -99,7 +101,13 @@ def _providers(provider: str, tf32: bool = True) -> list[str | tuple[str, dict[s
 
 
 def device_pool(
-    model: Model, provider: str, slots: int, *, in_place: bool = True, tf32: bool = True
+    model: Model,
+    provider: str,
+    slots: int,
+    *,
+    in_place: bool = True,
+    tf32: bool = True,
+    buckets: tuple[int, ...] = (),
 ) -> DevicePool:
     options = {"use_tf32": "1" if tf32 else "0"} if provider == "cuda" else None
     pool = DevicePool(
@@ -110,7 +118,10 @@ def device_pool(
         device=provider,
         in_place=in_place,
         provider_options=options,
+        buckets=buckets,
     )
+    if buckets and pool.buckets != buckets:
+        raise SystemExit(f"bucket graphs could not be built for {model.name} (see the log)")
     for _ in range(slots):
         pool.acquire()
     return pool
@@ -188,6 +199,13 @@ def bench_model(model: Model, args: argparse.Namespace) -> list[Row]:
         for b in args.batches
     ]
     del pool
+    if args.graph_batches:
+        pool = device_pool(model, args.provider, slots, buckets=tuple(args.graph_batches))
+        rows += [
+            _named(time_calls(device_step(pool), model, b, slots, args.budget_s), "graph")
+            for b in args.graph_batches
+        ]
+        del pool
     host = HostPath(model, args.provider, slots)
     rows += [
         _named(time_calls(host.step, model, b, slots, args.budget_s), "host")
@@ -222,7 +240,7 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     args = parse_args()
     if args.provider == "cuda":
-        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels that torch brings
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels
         if PROVIDERS["cuda"] not in ort.get_available_providers():
             raise SystemExit(f"CUDAExecutionProvider missing: {ort.get_available_providers()}")
     models = [Model.read(Path(folder)) for folder in args.model]
@@ -242,7 +260,8 @@ def main() -> None:
             )
         except Exception as exc:  # report and go on: the timings above still stand
             footer.append(f"parity {model.name}: FAILED: {type(exc).__name__}: {exc}")
-        print(table(rows[-len(args.batches) - len(args.host_batches) - 2 * len(args.copy_slots) :]))
+        shown = len(args.batches) + len(args.graph_batches) + len(args.host_batches)
+        print(table(rows[-shown - 2 * len(args.copy_slots) :]))
     text = "\n".join(
         [
             f"machine: {machine(args.provider)}; onnxruntime {ort.__version__}; provider in use: "
@@ -267,6 +286,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cuda")
     parser.add_argument("--batches", type=_ints, default=_ints("1,16,256,1024,4096,16384,65536"))
     parser.add_argument("--host-batches", type=_ints, default=_ints("1,256,4096,65536"))
+    parser.add_argument(
+        "--graph-batches",
+        type=_ints,
+        default=_ints("1,8,64,512,4096"),
+        help="bucket sizes for the fixed-shape (CUDA graph) rows; empty for none",
+    )
     parser.add_argument(
         "--copy-slots",
         type=_ints,

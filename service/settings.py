@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     """Serve the per-step endpoints (``POST /v1/sessions/{id}/steps``, V2 ``infer``) by raw ASGI
     handlers ahead of FastAPI's routing; false routes them through FastAPI like every other
     endpoint (same answers, more CPU per step; for comparison)."""
+    cuda_graphs: bool = True
+    """On the CUDA provider with the device state pool, replay single-step batches as CUDA graphs
+    (one per batch-size bucket, batches padded up to their bucket); a model that cannot be
+    captured logs one line and runs without them. No effect on the CPU provider."""
+    cuda_tf32: bool = False
+    """Let the CUDA provider compute float32 matmuls in TF32 (faster on Ampere and newer, about
+    1e-3 relative error); off, outputs equal the CPU provider's to about 1e-5."""
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod

@@ -106,6 +106,9 @@ def _add_export(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     p.add_argument("--name", help="model name (default: the folder's parent, <name>)")
     p.add_argument("--version", type=int, help="model version (default: the folder name)")
     p.add_argument("--graph", default="auto", help="auto, scan or native (gru and lstm only)")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite a version folder that holds a model"
+    )
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction[_Parser]) -> None:
@@ -176,7 +179,12 @@ def run_export(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise UsageError(f"export is not available: {exc}") from None
     path = export_checkpoint(
-        args.checkpoint, args.out, name=args.name, version=args.version, graph=args.graph
+        args.checkpoint,
+        args.out,
+        name=args.name,
+        version=args.version,
+        graph=args.graph,
+        force=args.force,
     )
     print(path)
 

@@ -74,6 +74,16 @@ def validate_name(name: str) -> str:
     return name
 
 
+def refuse_to_overwrite(out_dir: Path, force: bool) -> None:
+    """Raise ExportError if ``out_dir`` already holds a model version and ``force`` is off."""
+    existing = [name for name in ("model.onnx", "metadata.json") if (out_dir / name).exists()]
+    if existing and not force:
+        raise ExportError(
+            f"{out_dir} already holds a model version ({', '.join(existing)}); export to a new "
+            "version folder (e.g. the next number) or pass --force to overwrite it"
+        )
+
+
 def validate_version(version: Any) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ExportError(f"invalid model version {version!r}: it must be a positive integer")
@@ -91,14 +101,18 @@ def export_model(
     feature_names: list[str] | None = None,
     output_names: list[str] | None = None,
     graph: str = "auto",
+    force: bool = False,
 ) -> Path:
     """Write ``out_dir/model.onnx`` and ``out_dir/metadata.json``; return ``out_dir``.
 
-    Raises ExportError if an argument is invalid or ONNX Runtime does not reproduce torch.
+    Raises ExportError if an argument is invalid, if ``out_dir`` already holds a model version
+    (unless ``force``: a served version should never change under the same number), or if ONNX
+    Runtime does not reproduce torch.
     """
     c = model.config
     validate_name(name)
     validate_version(version)
+    refuse_to_overwrite(out_dir, force)
     form = resolve_graph(c.cell, graph)
     features = _names("feature_names", feature_names, "x", c.input_size)
     outputs = _names("output_names", output_names, "y", c.output_size)
@@ -131,6 +145,7 @@ def export_checkpoint(
     name: str | None = None,
     version: int | None = None,
     graph: str = "auto",
+    force: bool = False,
 ) -> Path:
     """Export a training checkpoint. ``name`` and ``version`` default to ``out_dir``'s last two
     components, as in ``models/<name>/<version>/``."""
@@ -139,6 +154,7 @@ def export_checkpoint(
     if version is None:
         version = _version_from_path(out_dir)
     validate_name(name)
+    refuse_to_overwrite(out_dir, force)
     try:
         checkpoint = load_checkpoint(checkpoint_path)
     except CheckpointError as exc:
@@ -154,6 +170,7 @@ def export_checkpoint(
         feature_names=task.get("feature_names"),
         output_names=task.get("output_names"),
         graph=graph,
+        force=force,
     )
 
 

@@ -341,7 +341,8 @@ class Batcher:
                 lambda p: pool.step(job.x[p], job.lengths[p], job.slots[p]), pieces
             )
             y = _joined([step.y for step in steps], axis=0)
-            return BatchOutput(y, _joined_later([step.states for step in steps]), _finite_rows(y))
+            ok = np.concatenate([step.ok for step in steps])  # the graph stored finite rows only
+            return BatchOutput(y, _joined_later([step.states for step in steps]), ok)
         states_of = job.states
         assert states_of is not None  # host pools gather into the batch
         outs = await self._run_pieces(

@@ -13,19 +13,38 @@ the scatter writes the B new states in place and the rest of the pool is not tou
 (double buffering): every call then also copies the whole pool, which the GPU benchmark measures.
 
 The scatter is the last node of the graph and depends on every model output, so a call that fails
-fails before it writes: the pool is unchanged and the batcher can retry the batch in halves.
+fails before it writes: the pool is unchanged and the batcher can retry the batch in halves. Rows
+whose outputs or new states are not finite (NaN, inf) are not written either: the graph computes
+``ok`` per row (``sum(v * 0) == 0`` over the row's y and new states, exact: ``v * 0`` is 0 for every
+finite ``v`` and NaN otherwise) and scatters ``Where(ok, new, old)``; ``step`` reports ``ok``.
+
+**Buckets and CUDA graphs.** A CUDA graph replays recorded kernels on fixed buffers, so it needs
+fixed shapes, fixed addresses and no host work inside the call (ONNX Runtime refuses to capture a
+graph with control flow or with nodes left on the CPU). With ``buckets`` (e.g. 1, 8, 64, 512,
+4,096), single-step batches (T = 1) run on one fixed-shape graph per bucket: the batch is padded
+to the smallest bucket that holds it, padded rows read and write a scratch slot that no session
+owns, the model's Scan loops are inlined (one step is one iteration), and every input and output
+is an OrtValue bound once and updated in place. On CUDA each bucket's session is created with
+``enable_cuda_graph`` and captured at load; on the CPU the same padded graphs run without capture
+(which is how they are tested). The pool is then allocated once at ``max_slots`` plus the scratch
+slot and never moves. A model whose bucket graphs cannot be built or captured logs one line and
+runs every batch on the plain path; so do batches of more than one step or above the largest
+bucket.
 
 Thread model: ``acquire``, ``release`` and ``reset`` run on the event loop and only do bookkeeping
 (a released slot is queued for zeroing; growth is a wanted capacity). Every device operation runs
 under one lock and first applies that bookkeeping (``_sync``), so a zeroing can never be lost to a
-batch in flight and a batch never sees a stale slot.
+batch in flight and a batch never sees a stale slot. The one exception: the lazy ``states()`` of a
+bucketed step reads its slots from the pool without that lock (the bucket's own output buffer is
+overwritten by the next call); the caller holds those sessions, so no batch in flight writes them.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +53,22 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from service.engine.runtime import CPU, session_options
+from service.engine.fixed_step import FixedCall, FixedStepError, static_model
+from service.engine.runtime import CPU, ProviderList, session_options
 from service.engine.state_pool import FloatArray, SlotAllocator, SlotArray, SlotBookkeeping
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "rnnserve_pool."
 POOL, SLOTS, POOL_OUT = f"{PREFIX}pool", f"{PREFIX}slots", f"{PREFIX}pool_out"
 UPDATES, STATES, EXTRA = f"{PREFIX}updates", f"{PREFIX}states", f"{PREFIX}extra"
+OK, GATHERED, NEW = f"{PREFIX}ok", f"{PREFIX}gathered", f"{PREFIX}new"
+ZERO = f"{PREFIX}zero"
 MIN_OPSET = 13  # Unsqueeze with axes as an input
 DEVICES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+DEFAULT_BUCKETS = (1, 8, 64, 512, 4096)
+CAPTURE_RUNS = 3  # runs per bucket at load: ONNX Runtime warms up, then captures the CUDA graph
+BoolArray = npt.NDArray[np.bool_]
 
 
 class DevicePoolError(Exception):
@@ -67,13 +94,15 @@ class StateLayout:
 
 @dataclass(frozen=True)
 class DeviceRunOutput:
-    """Outputs of one fused step: ``y`` (B, T, o) on the host, the new states on the device.
+    """Outputs of one fused step: ``y`` (B, T, o) and ``ok`` (B,) on the host, states on the device.
 
-    ``states()`` copies the batch's new states (S, L, B, m) to the host on first use only.
+    ``states()`` copies the batch's new states (S, L, B, m) to the host on first use only. Rows
+    with ``ok`` False had a non-finite output or new state and were not written to the pool.
     """
 
     y: FloatArray
     states: Callable[[], FloatArray]
+    ok: BoolArray = field(default_factory=lambda: np.ones(0, np.bool_))
 
 
 # -- graphs -----------------------------------------------------------------------------------
@@ -99,11 +128,11 @@ def _const(name: str, values: Sequence[int]) -> onnx.NodeProto:
 
 
 def _gather_nodes(layout: StateLayout) -> list[onnx.NodeProto]:
-    """pool, slots -> one (L, B, m) tensor per state input."""
-    gathered, by_state = f"{PREFIX}gathered", f"{PREFIX}by_state"
+    """pool, slots -> GATHERED (B, S, L, m) and one (L, B, m) tensor per state input."""
+    by_state = f"{PREFIX}by_state"
     nodes = [
-        helper.make_node("Gather", [POOL, SLOTS], [gathered], axis=0),  # (B, S, L, m)
-        helper.make_node("Transpose", [gathered], [by_state], perm=[1, 2, 0, 3]),  # (S, L, B, m)
+        helper.make_node("Gather", [POOL, SLOTS], [GATHERED], axis=0),  # (B, S, L, m)
+        helper.make_node("Transpose", [GATHERED], [by_state], perm=[1, 2, 0, 3]),  # (S, L, B, m)
     ]
     for k, name in enumerate(layout.state_inputs):
         index = f"{PREFIX}index{k}"
@@ -124,7 +153,7 @@ def _scatter_nodes(updates: str) -> list[onnx.NodeProto]:
 
 
 def _stack_nodes(layout: StateLayout) -> list[onnx.NodeProto]:
-    """hn, cn (L, B, m) -> STATES (S, L, B, m) and UPDATES (B, S, L, m)."""
+    """hn, cn (L, B, m) -> STATES (S, L, B, m) and the new slots (B, S, L, m)."""
     axes0 = f"{PREFIX}axes0"
     nodes = [_const(axes0, [0])]
     stacked = []
@@ -132,15 +161,43 @@ def _stack_nodes(layout: StateLayout) -> list[onnx.NodeProto]:
         stacked.append(f"{PREFIX}stacked{k}")
         nodes.append(helper.make_node("Unsqueeze", [name, axes0], [stacked[-1]]))  # (1, L, B, m)
     nodes.append(helper.make_node("Concat", stacked, [STATES], axis=0))  # (S, L, B, m)
-    nodes.append(helper.make_node("Transpose", [STATES], [UPDATES], perm=[2, 0, 1, 3]))
+    nodes.append(helper.make_node("Transpose", [STATES], [NEW], perm=[2, 0, 1, 3]))
     return nodes
+
+
+def _times_zero_sum(value: str, axes: Sequence[int], out: str) -> list[onnx.NodeProto]:
+    """value (B, ...) -> out (B,): the row's sum of ``v * 0``, 0 if finite and NaN if not."""
+    times_zero, axes_name = f"{value}.times_zero", f"{value}.axes"
+    return [
+        helper.make_node("Mul", [value, ZERO], [times_zero]),  # 0, or NaN for inf and NaN
+        _const(axes_name, axes),
+        helper.make_node("ReduceSum", [times_zero, axes_name], [out], keepdims=0),  # (B,)
+    ]
+
+
+def _keep_finite_nodes() -> list[onnx.NodeProto]:
+    """y (B, T, o), NEW (B, S, L, m), GATHERED -> OK (B,) and UPDATES: NEW where OK, else old."""
+    y_rows, new_rows, both = f"{PREFIX}y_rows", f"{PREFIX}new_rows", f"{PREFIX}both_rows"
+    axes, ok4 = f"{PREFIX}axes123", f"{PREFIX}ok4"
+    zero = helper.make_tensor(ZERO, TensorProto.FLOAT, [], [0.0])
+    return [
+        helper.make_node("Constant", [], [ZERO], value=zero),
+        *_times_zero_sum("y", [1, 2], y_rows),
+        *_times_zero_sum(NEW, [1, 2, 3], new_rows),
+        helper.make_node("Add", [y_rows, new_rows], [both]),  # (B,)
+        helper.make_node("Equal", [both, ZERO], [OK]),  # (B,) bool
+        _const(axes, [1, 2, 3]),
+        helper.make_node("Unsqueeze", [OK, axes], [ok4]),  # (B, 1, 1, 1)
+        helper.make_node("Where", [ok4, NEW, GATHERED], [UPDATES]),  # (B, S, L, m)
+    ]
 
 
 def fused_step_model(model: onnx.ModelProto, layout: StateLayout) -> onnx.ModelProto:
     """Wrap ``model`` so it reads its states from a pool and scatters the new ones back into it.
 
     Inputs: the model's ``x`` and ``lengths``, ``POOL`` (capacity, S, L, m), ``SLOTS`` (B,).
-    Outputs: ``y``, ``POOL_OUT`` (the updated pool) and ``STATES`` (S, L, B, m).
+    Outputs: ``y``, ``POOL_OUT`` (the updated pool), ``STATES`` (S, L, B, m, as the model
+    computed them) and ``OK`` (B,): whether the row was finite and so written.
     """
     graph = model.graph
     _check_fusable(model, layout)
@@ -149,9 +206,11 @@ def fused_step_model(model: onnx.ModelProto, layout: StateLayout) -> onnx.ModelP
     new_outputs = [
         _pool_value(POOL_OUT, layout),
         _states_value(layout),
+        helper.make_tensor_value_info(OK, TensorProto.BOOL, ["batch"]),
     ]
+    nodes = [*_gather_nodes(layout), *graph.node, *_stack_nodes(layout), *_keep_finite_nodes()]
     fused = helper.make_graph(
-        [*_gather_nodes(layout), *graph.node, *_stack_nodes(layout), *_scatter_nodes(UPDATES)],
+        [*nodes, *_scatter_nodes(UPDATES)],
         f"{graph.name}_pooled",
         [*inputs, _pool_value(POOL, layout), _slots_value()],
         [*outputs, *new_outputs],
@@ -230,9 +289,14 @@ def grow_model(layout: StateLayout) -> onnx.ModelProto:
 # -- the pool ---------------------------------------------------------------------------------
 
 
-def _session(
-    model: onnx.ModelProto, providers: list[str | tuple[str, dict[str, str]]], threads: int
-) -> ort.InferenceSession:
+def buckets_up_to(max_batch_size: int, sizes: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """The buckets a batcher of ``max_batch_size`` can fill: those below it and the next one up."""
+    ordered = sorted(sizes)
+    kept = [size for size in ordered if size < max_batch_size]
+    return (*kept, *[size for size in ordered if size >= max_batch_size][:1])
+
+
+def _session(model: onnx.ModelProto, providers: ProviderList, threads: int) -> ort.InferenceSession:
     first = providers[0] if isinstance(providers[0], str) else providers[0][0]
     options = session_options(threads, on_cpu=first == CPU)
     options.log_severity_level = 3
@@ -246,7 +310,9 @@ class DevicePool(SlotBookkeeping):
     ``scatter``; the last two copy to and from the host and exist for inspection and tests) plus
     ``step``, which runs one batch of the model on states that stay on the device. The pool is a
     tensor (capacity, S, L, m): one slot's S * L * m floats are contiguous. Capacity doubles when
-    full, up to ``max_slots``; new slots are zero.
+    full, up to ``max_slots``; new slots are zero. With ``buckets``, single-step batches run on
+    fixed-shape graphs (captured as CUDA graphs on CUDA; see the module's docstring) and the pool
+    is allocated at once: ``max_slots`` plus one scratch slot for padded rows.
     """
 
     def __init__(
@@ -261,20 +327,24 @@ class DevicePool(SlotBookkeeping):
         in_place: bool = True,
         intra_op_threads: int = 0,
         provider_options: dict[str, str] | None = None,
+        buckets: Sequence[int] = (),
     ) -> None:
         if device not in DEVICES:
             raise DevicePoolError(f"device must be one of {sorted(DEVICES)}, not {device!r}")
+        if buckets and not in_place:
+            raise DevicePoolError("buckets need an in-place pool: a captured graph cannot swap")
         if isinstance(model, Path):
             model = onnx.load(str(model))
         self.layout = layout
         self.device = device
         self.in_place = in_place
         self._device_id = device_id
-        provider = (DEVICES[device], dict(provider_options or {}))
-        providers: list[str | tuple[str, dict[str, str]]] = [provider]
+        self._provider_options = dict(provider_options or {})
+        providers: ProviderList = [(DEVICES[device], self._provider_options)]
         if device != "cpu":
             providers.append("CPUExecutionProvider")  # shape arithmetic runs on the host
-        self._step = _session(fused_step_model(model, layout), providers, intra_op_threads)
+        fused = fused_step_model(model, layout)
+        self._step = _session(fused, providers, intra_op_threads)
         self._gather = _session(gather_model(layout), providers, 1)
         self._scatter = _session(scatter_model(layout), providers, 1)
         self._grow = _session(grow_model(layout), providers, 1)
@@ -283,13 +353,81 @@ class DevicePool(SlotBookkeeping):
             raise DevicePoolError(
                 f"{DEVICES[device]} is not available (running on {self.provider})"
             )
-        self._capacity = min(initial_capacity, max_slots)  # wanted; the device catches up in _sync
-        self._pool = self._zeros(self._capacity)
+        # wanted capacity; the device catches up in _sync. With buckets: all slots at once.
+        self._capacity = max_slots if buckets else min(initial_capacity, max_slots)
+        self._scratch = max_slots if buckets else None  # the slot padded rows use
+        self._pool = self._zeros(self._capacity + (1 if buckets else 0))
         self._spare = None if in_place else self._empty(self._capacity)
         self._slots = SlotAllocator(max_slots)
         self._to_zero: list[int] = []  # released or reset slots, zeroed before the next device op
         self._book = threading.Lock()  # bookkeeping, held for microseconds
         self._device_lock = threading.Lock()  # device work, held for a whole call
+        self._buckets: dict[int, FixedCall] = {}
+        self._input_size = _fixed_dim(fused.graph.input, "x", 2)  # n
+        if buckets:
+            self._buckets = self._fixed_steps(fused, sorted(set(buckets)), intra_op_threads)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Batch sizes single steps are padded to; empty: every batch takes the plain path."""
+        return tuple(self._buckets)
+
+    def _fixed_steps(
+        self, fused: onnx.ModelProto, sizes: list[int], threads: int
+    ) -> dict[int, FixedCall]:
+        """One fixed-shape step per bucket, run (and on CUDA captured) at once; {} if impossible."""
+        options = dict(self._provider_options)
+        if self.device == "cuda":
+            options["enable_cuda_graph"] = "1"
+        providers: ProviderList = [(DEVICES[self.device], options)]
+        empty_x = np.zeros((0, 1, self._input_size), np.float32)
+        empty = np.zeros(0, np.int64)
+        try:
+            steps = {size: self._fixed_step(fused, size, providers, threads) for size in sizes}
+            for size, step in steps.items():
+                for _ in range(CAPTURE_RUNS):  # every row padding: only the scratch slot changes
+                    step(self._bucket_feeds(size, empty_x, empty, empty), [OK])
+        except (FixedStepError, DevicePoolError, RuntimeError, ValueError) as exc:
+            # ONNX Runtime's errors derive from RuntimeError; one line, then the plain path
+            logger.warning("fixed-shape step graphs off, every batch takes the plain path: %s", exc)
+            return {}
+        return steps
+
+    def _fixed_step(
+        self, fused: onnx.ModelProto, size: int, providers: ProviderList, threads: int
+    ) -> FixedCall:
+        lay = self.layout
+        pool = [self._device_capacity(), *lay.slot_shape()]
+        dims = {
+            "x": [size, 1, self._input_size],
+            "lengths": [size],
+            POOL: pool,
+            SLOTS: [size],
+            "y": [size, 1, _fixed_dim(fused.graph.output, "y", 2)],
+            POOL_OUT: pool,
+            STATES: [lay.num_states, lay.num_layers, size, lay.hidden_size],
+            OK: [size],
+        }
+        model = static_model(fused, dims, f"{PREFIX}b{size}.")
+        session = _session(model, providers, threads)
+        if session.get_providers()[0] != DEVICES[self.device]:
+            raise DevicePoolError(f"bucket {size} runs on {session.get_providers()[0]}")
+        shared = {POOL: self._pool, POOL_OUT: self._pool}
+        return FixedCall(session, model, self.device, self._device_id, shared)
+
+    def _bucket_feeds(
+        self, size: int, x: FloatArray, lengths: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]
+    ) -> dict[str, npt.NDArray[np.generic]]:
+        """x (B, 1, n), lengths and slots (B,) padded to ``size`` rows on the scratch slot."""
+        assert self._scratch is not None
+        rows = len(slots)
+        padded_x = np.zeros((size, 1, self._input_size), np.float32)  # (size, 1, n)
+        padded_x[:rows] = x
+        padded_lengths = np.ones(size, np.int64)
+        padded_lengths[:rows] = lengths
+        padded_slots = np.full(size, self._scratch, np.int64)
+        padded_slots[:rows] = slots
+        return {"x": padded_x, "lengths": padded_lengths, SLOTS: padded_slots}
 
     # -- bookkeeping (event loop) --------------------------------------------------------------
 
@@ -300,7 +438,8 @@ class DevicePool(SlotBookkeeping):
     @property
     def nbytes(self) -> int:
         buffers = 1 if self.in_place else 2
-        return buffers * self._capacity * 4 * int(np.prod(self.layout.slot_shape()))
+        slots = self._capacity + (0 if self._scratch is None else 1)
+        return buffers * slots * 4 * int(np.prod(self.layout.slot_shape()))
 
     def acquire(self) -> int:
         """Hand out a zeroed slot; raise ``SessionLimitReached`` when ``max_slots`` are in use."""
@@ -327,31 +466,65 @@ class DevicePool(SlotBookkeeping):
     ) -> DeviceRunOutput:
         """Run ``x`` (B, T, n) for ``lengths`` (B,) from the states of ``slots`` (B, distinct).
 
-        The new states are written to the slots only if the whole call succeeds.
+        The new states are written to the slots only if the whole call succeeds, and then only
+        for the rows whose outputs and new states are finite (``ok``).
         """
         slot_ids = self._checked_slots(slots)
         with self._device_lock:
             self._sync()
-            binding = self._step.io_binding()
-            binding.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
-            binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, dtype=np.int64))
-            binding.bind_cpu_input(SLOTS, slot_ids)
-            binding.bind_output("y", "cpu")
-            binding.bind_output(STATES, self.device, self._device_id)
-            self._run_on_pool(self._step, binding)
-        y, states = binding.get_outputs()[:2]  # in the order bound
-        return DeviceRunOutput(y=y.numpy(), states=_fetch_once(states))
+            size = self._bucket_for(x.shape)
+            if size:
+                try:
+                    return self._step_fixed(size, x, lengths, slot_ids)
+                except RuntimeError as exc:  # nothing was written: the scatter comes last
+                    logger.warning("fixed-shape step failed, taking the plain path: %s", exc)
+                    self._buckets = {}
+            return self._step_plain(x, lengths, slot_ids)
+
+    def _bucket_for(self, shape: tuple[int, ...]) -> int | None:
+        """The smallest bucket holding a single-step batch of ``shape`` (B, T, n), if any."""
+        if shape[1] != 1:
+            return None
+        return next((size for size in self._buckets if size >= shape[0]), None)
+
+    def _step_fixed(
+        self, size: int, x: FloatArray, lengths: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]
+    ) -> DeviceRunOutput:
+        rows = len(slots)
+        feeds = self._bucket_feeds(size, x, lengths, slots)
+        y, ok = self._buckets[size](feeds, ["y", OK])
+        # The bucket's states buffer is overwritten by its next call: read the pool instead.
+        states = _once(lambda: self._gather_rows(slots))
+        y_rows = y[:rows].astype(np.float32, copy=False)  # (B, 1, o)
+        return DeviceRunOutput(y=y_rows, states=states, ok=ok[:rows].astype(np.bool_, copy=False))
+
+    def _step_plain(
+        self, x: FloatArray, lengths: npt.NDArray[np.int64], slots: npt.NDArray[np.int64]
+    ) -> DeviceRunOutput:
+        binding = self._step.io_binding()
+        binding.bind_cpu_input("x", np.ascontiguousarray(x, dtype=np.float32))
+        binding.bind_cpu_input("lengths", np.ascontiguousarray(lengths, dtype=np.int64))
+        binding.bind_cpu_input(SLOTS, slots)
+        binding.bind_output("y", "cpu")
+        binding.bind_output(STATES, self.device, self._device_id)
+        binding.bind_output(OK, "cpu")
+        self._run_on_pool(self._step, binding)
+        y, states, ok = binding.get_outputs()[:3]  # in the order bound
+        return DeviceRunOutput(y=y.numpy(), states=_once(states.numpy), ok=ok.numpy())
 
     def gather(self, slots: SlotArray) -> FloatArray:
         """Copy the states of ``slots`` (B,) to a new host array (S, L, B, m)."""
         slot_ids = self._checked_slots(slots)
         with self._device_lock:
             self._sync()
-            binding = self._gather.io_binding()
-            binding.bind_ortvalue_input(POOL, self._pool)
-            binding.bind_cpu_input(SLOTS, slot_ids)
-            binding.bind_output(STATES, "cpu")
-            self._gather.run_with_iobinding(binding)
+            return self._gather_rows(slot_ids)
+
+    def _gather_rows(self, slots: npt.NDArray[np.int64]) -> FloatArray:
+        binding = self._gather.io_binding()
+        binding.bind_ortvalue_input(POOL, self._pool)
+        binding.bind_cpu_input(SLOTS, slots)
+        binding.bind_output(STATES, "cpu")
+        self._gather.run_with_iobinding(binding)
         states: FloatArray = binding.get_outputs()[0].numpy()
         return states
 
@@ -426,13 +599,22 @@ class DevicePool(SlotBookkeeping):
         return ort.OrtValue.ortvalue_from_numpy(zeros, self.device, self._device_id)
 
 
-def _fetch_once(value: ort.OrtValue) -> Callable[[], FloatArray]:
-    """A function returning ``value`` copied to the host, copying at most once."""
+def _fixed_dim(values: Sequence[onnx.ValueInfoProto], name: str, axis: int) -> int:
+    """The fixed size of axis ``axis`` of graph value ``name`` (e.g. x's number of features)."""
+    value = next(v for v in values if v.name == name)
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) <= axis or not dims[axis].HasField("dim_value"):
+        raise DevicePoolError(f"{name} needs a fixed size on axis {axis}")
+    return int(dims[axis].dim_value)
+
+
+def _once(fetch: Callable[[], FloatArray]) -> Callable[[], FloatArray]:
+    """A function returning what ``fetch`` returns, calling it at most once."""
     cache: list[FloatArray] = []
 
-    def fetch() -> FloatArray:
+    def fetch_once() -> FloatArray:
         if not cache:
-            cache.append(value.numpy())
+            cache.append(fetch())
         return cache[0]
 
-    return fetch
+    return fetch_once

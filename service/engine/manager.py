@@ -29,7 +29,7 @@ from pathlib import Path
 
 from service.engine.batcher import Batcher
 from service.engine.dataplane import DataPlane
-from service.engine.device_pool import DevicePool, StateLayout
+from service.engine.device_pool import DevicePool, StateLayout, buckets_up_to
 from service.engine.errors import (
     InvalidModelName,
     ModelControlDisabled,
@@ -46,7 +46,7 @@ from service.engine.registry import (
     read_model_dir,
     version_dirs,
 )
-from service.engine.runtime import ModelRuntime
+from service.engine.runtime import ModelRuntime, cuda_options
 from service.engine.sessions import Session, UnloadedVersion
 from service.engine.state_pool import SlotPool, StatePool
 from service.settings import Settings
@@ -394,7 +394,9 @@ def _read_version(
 
 
 def _runtime(spec: ModelSpec, settings: Settings) -> ModelRuntime:
-    return ModelRuntime(spec, settings.providers, settings.intra_op_threads)
+    return ModelRuntime(
+        spec, settings.providers, settings.intra_op_threads, cuda_tf32=settings.cuda_tf32
+    )
 
 
 def _pool(runtime: ModelRuntime, settings: Settings) -> SlotPool:
@@ -412,6 +414,8 @@ def _pool(runtime: ModelRuntime, settings: Settings) -> SlotPool:
         max_slots=settings.max_sessions,
         device="cuda" if on_cuda else "cpu",
         intra_op_threads=settings.intra_op_threads,
+        provider_options=cuda_options(settings.cuda_tf32) if on_cuda else None,
+        buckets=buckets_up_to(settings.max_batch_size) if on_cuda and settings.cuda_graphs else (),
     )
 
 

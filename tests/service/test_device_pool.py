@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,14 +16,20 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from service.engine import device_pool
 from service.engine.batcher import Batcher
 from service.engine.device_pool import (
+    POOL,
+    POOL_OUT,
+    SLOTS,
+    STATES,
     DevicePool,
     DevicePoolError,
     StateLayout,
     fused_step_model,
 )
 from service.engine.errors import SessionLimitReached
+from service.engine.fixed_step import FixedStepError, static_model
 from service.engine.registry import read_model_dir
 from service.engine.runtime import ModelRuntime
 from service.engine.state_pool import StatePool
@@ -31,7 +39,10 @@ if TYPE_CHECKING:
 
 GRU_LAYOUT = StateLayout(("h0",), ("hn",), num_layers=2, hidden_size=8)  # the ``tiny`` model
 PAIR_LAYOUT = StateLayout(("h0", "c0"), ("hn", "cn"), num_layers=2, hidden_size=3)
+DOUBLING_LAYOUT = StateLayout(("h0",), ("hn",), num_layers=1, hidden_size=2)
 FEATURES = 2
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "models" / "co2-forecaster" / "1"  # exported by training: GRU as a Scan loop
 
 
 @pytest.fixture
@@ -80,6 +91,35 @@ def pair_model() -> onnx.ModelProto:
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def doubling_model() -> onnx.ModelProto:
+    """hn = 2 * h0 (overflows from 2e38 on), y = x: a cell whose rows go non-finite on demand."""
+    state = [1, "B", DOUBLING_LAYOUT.hidden_size]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["h0", "two"], ["hn"]),
+            helper.make_node("Identity", ["x"], ["y"]),
+        ],
+        "doubling",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", 1]),
+            helper.make_tensor_value_info("h0", TensorProto.FLOAT, state),
+            helper.make_tensor_value_info("lengths", TensorProto.INT64, ["B"]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", 1]),
+            helper.make_tensor_value_info("hn", TensorProto.FLOAT, state),
+        ],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def shipped_layout() -> StateLayout:
+    meta = json.loads((SHIPPED / "metadata.json").read_text())
+    states = (tuple(meta["state_inputs"]), tuple(meta["state_outputs"]))
+    return StateLayout(*states, meta["num_layers"], meta["hidden_size"])
 
 
 def pair_reference(
@@ -313,3 +353,170 @@ def test_auto_keeps_states_on_the_host_when_the_model_runs_on_the_cpu(
     client = make_client(state_pool="auto", providers=["CPUExecutionProvider"])
     pools = [m.batcher.pool for m in client.app.state.dataplane.served_models()]
     assert pools and all(isinstance(pool, StatePool) for pool in pools)
+
+
+# -- non-finite rows ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "buckets", [pytest.param((), id="plain"), pytest.param((1, 4), id="fixed-shape")]
+)
+def test_rows_that_go_non_finite_are_reported_and_not_written(buckets: tuple[int, ...]) -> None:
+    pool = make_pool(doubling_model(), DOUBLING_LAYOUT, max_slots=8, buckets=buckets)
+    slots = np.array([pool.acquire() for _ in range(4)])
+    before = np.array([3e38, 1.0, 2.0, 3.0], np.float32)[None, None, :, None].repeat(2, axis=3)
+    pool.scatter(slots, before)  # (S, L, B, m): slot 0 overflows when doubled
+    x = np.array([1.0, np.nan, 5.0, np.inf], np.float32)[:, None, None]  # (B, 1, 1)
+    out = pool.step(x, np.ones(4, np.int64), slots)
+    np.testing.assert_array_equal(out.ok, [False, False, True, False])
+    after = pool.gather(slots)
+    np.testing.assert_array_equal(after[:, :, [0, 1, 3]], before[:, :, [0, 1, 3]])  # untouched
+    np.testing.assert_array_equal(after[:, :, 2], 2 * before[:, :, 2])
+    np.testing.assert_array_equal(pool.step(x[2:3], np.ones(1, np.int64), slots[2:3]).ok, [True])
+
+
+# -- fixed-shape single steps (CUDA graphs on CUDA, padding only on the CPU) ----------------------
+
+
+def steps_twice(
+    model: onnx.ModelProto | Path, layout: StateLayout, buckets: tuple[int, ...], sizes: list[int]
+) -> tuple[DevicePool, DevicePool]:
+    """The same random single-step batches through a plain pool and a bucketed one."""
+    plain = make_pool(model, layout, max_slots=48, initial_capacity=48)
+    bucketed = make_pool(model, layout, max_slots=48, buckets=buckets)
+    assert bucketed.buckets == buckets
+    features = _fixed_features(model)
+    for pool in (plain, bucketed):
+        for _ in range(40):
+            pool.acquire()
+    rng = np.random.default_rng(5)
+    for size in sizes:
+        slots = rng.choice(40, size, replace=False).astype(np.intp)
+        x = rng.standard_normal((size, 1, features)).astype(np.float32)
+        expected = plain.step(x, np.ones(size, np.int64), slots)
+        got = bucketed.step(x, np.ones(size, np.int64), slots)
+        np.testing.assert_array_equal(got.y, expected.y)
+        np.testing.assert_array_equal(got.ok, expected.ok)
+        np.testing.assert_array_equal(got.states(), expected.states())
+    return plain, bucketed
+
+
+def _fixed_features(model: onnx.ModelProto | Path) -> int:
+    proto = onnx.load(str(model)) if isinstance(model, Path) else model
+    x = next(v for v in proto.graph.input if v.name == "x")
+    return int(x.type.tensor_type.shape.dim[2].dim_value)
+
+
+@pytest.mark.parametrize(
+    ("model", "layout"),
+    [
+        pytest.param("tiny", GRU_LAYOUT, id="native-gru-op"),
+        pytest.param(SHIPPED / "model.onnx", None, id="exported-scan"),
+        pytest.param("pair", PAIR_LAYOUT, id="two-states"),
+    ],
+)
+def test_padded_single_steps_equal_the_plain_path_exactly(
+    tiny_onnx: Path, model: Any, layout: StateLayout | None
+) -> None:
+    model = {"tiny": tiny_onnx, "pair": pair_model()}.get(model, model)
+    layout = layout or shipped_layout()
+    plain, bucketed = steps_twice(model, layout, (1, 8, 32), [1, 3, 8, 9, 32, 1, 17])
+    everyone = np.arange(40)  # every session slot, stepped or not, matches
+    np.testing.assert_array_equal(bucketed.gather(everyone), plain.gather(everyone))
+
+
+def test_padding_touches_only_the_scratch_slot(tiny_onnx: Path) -> None:
+    pool = make_pool(tiny_onnx, GRU_LAYOUT, max_slots=10, buckets=(8,))
+    slots = np.array([pool.acquire() for _ in range(10)])
+    states = np.random.default_rng(6).standard_normal((1, 2, 10, 8)).astype(np.float32)
+    pool.scatter(slots, states)
+    pool.step(np.ones((2, 1, FEATURES), np.float32), np.ones(2, np.int64), slots[[3, 7]])
+    after = pool.gather(slots)
+    untouched = [s for s in range(10) if s not in (3, 7)]
+    np.testing.assert_array_equal(after[:, :, untouched], states[:, :, untouched])
+    assert not np.array_equal(after[:, :, [3, 7]], states[:, :, [3, 7]])
+    assert pool.capacity == 10  # allocated once: 10 slots and the scratch slot, never grown
+    assert pool.nbytes == 11 * 2 * 8 * 4
+    with pytest.raises(ValueError, match="slots must lie in"):
+        pool.gather(np.array([10]))  # the scratch slot is nobody's
+
+
+def test_multi_step_and_oversized_batches_take_the_plain_path(tiny_onnx: Path) -> None:
+    plain = make_pool(tiny_onnx, GRU_LAYOUT, max_slots=16, initial_capacity=16)
+    bucketed = make_pool(tiny_onnx, GRU_LAYOUT, max_slots=16, buckets=(1, 4))
+    for pool in (plain, bucketed):
+        for _ in range(12):
+            pool.acquire()
+    rng = np.random.default_rng(7)
+    for batch, steps in ((3, 4), (9, 1), (4, 1)):
+        slots = rng.choice(12, batch, replace=False).astype(np.intp)
+        x = rng.standard_normal((batch, steps, FEATURES)).astype(np.float32)
+        lengths = rng.integers(1, steps + 1, batch).astype(np.int64)
+        expected, got = plain.step(x, lengths, slots), bucketed.step(x, lengths, slots)
+        np.testing.assert_array_equal(got.y, expected.y)
+    np.testing.assert_array_equal(bucketed.gather(np.arange(12)), plain.gather(np.arange(12)))
+
+
+def test_fixed_step_graphs_hold_no_loop_and_no_shape_arithmetic(tmp_path: Path) -> None:
+    """What CUDA graph capture needs: ONNX Runtime folds every Shape, and no Scan is left."""
+    layout = shipped_layout()
+    fused = fused_step_model(onnx.load(str(SHIPPED / "model.onnx")), layout)
+    pool = [9, *layout.slot_shape()]
+    states = [layout.num_states, layout.num_layers, 4, layout.hidden_size]
+    dims = {
+        "x": [4, 1, 1],
+        "lengths": [4],
+        POOL: pool,
+        SLOTS: [4],
+        "y": [4, 1, 1],
+        POOL_OUT: pool,
+        STATES: states,
+        device_pool.OK: [4],
+    }
+    fixed = static_model(fused, dims, "rnnserve_pool.b4.")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(fixed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert not ops & {"Scan", "Loop", "If", "Shape", "Range", "Constant"}, ops
+    with pytest.raises(FixedStepError, match="does not check"):
+        static_model(fused, dims | {"x": [4, 2, 1], "y": [4, 2, 1]}, "p.")  # two steps: refused
+
+
+def test_a_model_without_fixed_step_graphs_falls_back_in_one_line(
+    tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: object) -> onnx.ModelProto:
+        raise FixedStepError("the graph has a Loop node ('loop')")
+
+    monkeypatch.setattr(device_pool, "static_model", refuse)
+    with caplog.at_level(logging.WARNING, logger="service.engine.device_pool"):
+        pool = make_pool(tiny_onnx, GRU_LAYOUT, buckets=(1, 8))
+    assert pool.buckets == ()
+    assert [r.getMessage() for r in caplog.records] == [
+        "fixed-shape step graphs off, every batch takes the plain path: "
+        "the graph has a Loop node ('loop')"
+    ]
+    pool.acquire()
+    assert pool.step(np.ones((1, 1, FEATURES), np.float32), np.ones(1, np.int64), [0]).ok.all()
+
+
+def test_buckets_need_an_in_place_pool(tiny_onnx: Path) -> None:
+    with pytest.raises(DevicePoolError, match="in-place"):
+        make_pool(tiny_onnx, GRU_LAYOUT, buckets=(1,), in_place=False)
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "expected"),
+    [
+        pytest.param(1, (1,), id="one"),
+        pytest.param(256, (1, 8, 64, 512), id="default-batcher"),
+        pytest.param(512, (1, 8, 64, 512), id="on-a-bucket"),
+        pytest.param(65_536, (1, 8, 64, 512, 4096), id="beyond-the-largest"),
+    ],
+)
+def test_buckets_stop_at_the_first_that_holds_a_full_batch(
+    max_batch_size: int, expected: tuple[int, ...]
+) -> None:
+    assert device_pool.buckets_up_to(max_batch_size) == expected

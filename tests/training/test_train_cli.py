@@ -179,3 +179,23 @@ def test_an_output_folder_that_cannot_be_made_fails_before_training(
     code, out, err = run_cli(capsys, "train", *TINY_ADDING, "--out", str(blocker / "run"))
     assert code == 2 and out == ""
     assert err.startswith("error: ") and "taken" in err and err.count("\n") == 1
+
+
+def test_export_refuses_to_overwrite_a_version_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, model_dir = tmp_path / "run", tmp_path / "models" / "adder" / "1"
+    assert run_cli(capsys, "train", *TINY_ADDING, "--epochs", "1", "--out", str(run_dir))[0] == 0
+    export = ["export", str(run_dir / "checkpoint.pt"), "--out", str(model_dir)]
+    assert run_cli(capsys, *export)[0] == 0
+    before = (model_dir / "metadata.json").read_text()
+    code, _, err = run_cli(capsys, *export)
+    assert code == 2
+    assert "already holds a model version (model.onnx, metadata.json)" in err
+    assert "--force" in err
+    assert (model_dir / "metadata.json").read_text() == before
+    assert run_cli(capsys, *export, "--force")[0] == 0
+    assert (
+        json.loads((model_dir / "metadata.json").read_text())["created_at"]
+        >= json.loads(before)["created_at"]
+    )
