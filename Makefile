@@ -8,9 +8,9 @@ PORT ?= 8000
 # `make serve` installs only what serving needs (no torch, no dev tools). Where `nvidia-smi -L`
 # lists a GPU it adds onnxruntime-gpu's CUDA 13 and cuDNN 9 runtime wheels (the `cuda` extra);
 # a CPU machine never downloads them. `make venv` (and so `make test`) adds everything else.
+COMMA := ,
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SERVE_EXTRAS := $(if $(filter gpu,$(GPU)),serve$(COMMA)cuda,serve)
-COMMA := ,
 
 .PHONY: venv serve-venv serve test lint system-packages clean default-model
 
