@@ -25,6 +25,7 @@ from service.engine.sessions import SessionManager
 from service.engine.state_pool import SlotPool, StatePool
 from service.engine.store import make_store
 from service.settings import Settings
+from service.ui.files import mount_ui
 from service.v2 import routes as v2_routes
 from service.v2.sequences import SequenceTable
 
@@ -81,6 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.v2_sequences = SequenceTable()
     app.include_router(v2_routes.health)
     app.include_router(v2_routes.v2)
+    mount_ui(app)
     return app
 
 
