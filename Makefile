@@ -26,10 +26,11 @@ lint: venv
 	BIN=$(BIN) deploy/check.sh
 
 # The session-store tests need a real redis-server; deploy/check.sh needs docker-compose (v1 can
-# validate a compose file without an engine). Both come from Debian's packages.
+# validate a compose file without an engine); the live page's tests drive Debian's chromium
+# through Playwright (never `playwright install`). All three come from Debian's packages.
 system-packages:
-	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose >/dev/null)
+	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose chromium >/dev/null)
 
 test: system-packages lint
 	$(BIN)/python -m pytest
