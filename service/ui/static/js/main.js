@@ -242,7 +242,7 @@ async function startStream() {
     return;
   }
   page.rows = series.rows;
-  trace.begin(series.targets, series.labels);
+  trace.begin(series.rows.length, series.targets, series.labels);
   $("notices").replaceChildren();
   $("session-id").textContent = "opening…";
   $("step-count").textContent = "0";

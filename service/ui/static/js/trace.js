@@ -7,7 +7,7 @@
 
 import { LineChart, formatNumber } from "./chart.js";
 
-const WINDOW = 200; // rows on the chart; it scrolls past that
+const WINDOW = 200; // most rows on the chart; it scrolls past that
 const TABLE_ROWS = 1000; // rows kept in the table, the oldest dropped first
 const COLORS = { input: "#6e7781", actual: "#1a7f37", prediction: "#1f6feb" };
 
@@ -27,10 +27,11 @@ export class Trace {
     this.clear();
   }
 
-  /** A new series. ``targets[row]`` is the actual value at a row (null: none); ``labels``
-   * names the input, the prediction and the actual value (null: same as the input, so it is
-   * not drawn twice). */
-  begin(targets, labels) {
+  /** A new series of ``length`` rows. ``targets[row]`` is the actual value at a row (null:
+   * none); ``labels`` names the input, the prediction and the actual value (null: same as the
+   * input, so it is not drawn twice). */
+  begin(length, targets, labels) {
+    this.chart.window = Math.min(WINDOW, length + 1); // a short series fills the chart's width
     this.targets = targets;
     this.showActual = labels.actual !== null;
     const keys = [
