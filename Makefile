@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint system-packages clean default-model
+.PHONY: venv serve test lint system-packages clean default-model screenshot
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ system-packages:
 
 test: system-packages lint
 	$(BIN)/python -m pytest
+
+# The live page's picture in the docs (docs/assets/live-page.png), taken by its browser test.
+screenshot: system-packages venv
+	RNNSERVE_DOCS_ASSETS=docs/assets $(BIN)/python -m pytest tests/service/test_ui.py -q -k screenshot
 
 default-model: venv
 	$(BIN)/python -m training train --cell gru --task co2 --difference --hidden-size 48 --num-layers 1 \
