@@ -8,8 +8,10 @@ launches the system one.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
+import socket
+import socketserver
+import struct
 import threading
 from typing import Any
 
@@ -74,6 +76,11 @@ class LivePage:
         self.page.fill("#rate", str(rate))
         self.page.fill("#limit", "" if limit is None else str(limit))
         self.page.click("#start")
+
+    def play(self, *, rate: float, limit: int | None = None) -> None:
+        """Stream the chosen series and wait until every row is answered."""
+        self.start(rate=rate, limit=limit)
+        self.wait_for_state("finished")
 
     def wait_for_state(self, state: str, timeout_ms: int = TIMEOUT_MS) -> None:
         self.page.wait_for_function(
@@ -142,7 +149,7 @@ def session_outputs(base_url: str, model: str, inputs: list[list[float]]) -> lis
     return outputs
 
 
-class CuttingProxy:
+class CuttingProxy(socketserver.ThreadingTCPServer):
     """A loopback TCP proxy in front of the service that can break its websocket connections.
 
     The page is loaded through it, so its HTTP requests and its websocket go through it too.
@@ -153,82 +160,86 @@ class CuttingProxy:
     never arrived, and a held request a step the service never saw.
     """
 
+    daemon_threads = True  # one thread per connection, plus one per connection's replies
+
     def __init__(self, upstream_port: int) -> None:
+        super().__init__((HOST, 0), _Forward)
         self.upstream_port = upstream_port
         self.held: set[str] = set()
-        self.connections: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, bool]] = []
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.connections: list[tuple[socket.socket, socket.socket, bool]] = []
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
-        assert started.wait(10), "the proxy did not start"
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        return f"http://{HOST}:{self.server_address[1]}"
 
     def hold(self, direction: str) -> None:
         assert direction in ("requests", "replies")
-        self._call(self._hold(direction))
+        with self.lock:
+            self.held.add(direction)
 
     def cut(self) -> None:
-        self._call(self._abort(streams_only=True))
+        self._abort(streams_only=True)
 
     def close(self) -> None:
-        self._call(self._abort(streams_only=False))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.shutdown()
+        self._abort(streams_only=False)
+        self.server_close()
         self.thread.join(10)
 
-    def _call(self, coroutine: Any) -> None:
-        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+    def _abort(self, *, streams_only: bool) -> None:
+        with self.lock:
+            for page_side, service_side, stream in self.connections:
+                if stream or not streams_only:
+                    _abort(page_side)
+                    _abort(service_side)
+            self.held.clear()
 
-    def _run(self, started: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._handle, HOST, 0))
-        self.port = server.sockets[0].getsockname()[1]
-        started.set()
-        self.loop.run_forever()
-        server.close()
-        self.loop.run_until_complete(server.wait_closed())
-        self.loop.close()
-
-    async def _hold(self, direction: str) -> None:
-        self.held.add(direction)
-
-    async def _abort(self, *, streams_only: bool) -> None:
-        for page_side, service_side, stream in list(self.connections):
-            if stream or not streams_only:
-                page_side.transport.abort()
-                service_side.transport.abort()
-        self.held.clear()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream_port)
-        head = await reader.read(65536)
-        stream = head.startswith(b"GET /v1/stream")  # a websocket's upgrade request
-        entry = (writer, up_writer, stream)
-        self.connections.append(entry)
-        up_writer.write(head)
-        pumps = [
-            asyncio.create_task(self._pump(reader, up_writer, "requests", stream)),
-            asyncio.create_task(self._pump(up_reader, writer, "replies", stream)),
-        ]
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for pump in pumps:
-            pump.cancel()
-        writer.transport.abort()
-        up_writer.transport.abort()
-        self.connections.remove(entry)
-
-    async def _pump(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str, stream: bool
-    ) -> None:
+    def pump(self, src: socket.socket, dst: socket.socket, direction: str, stream: bool) -> None:
+        """Pass bytes from ``src`` to ``dst`` until either side ends, then end both."""
         try:
-            while data := await src.read(65536):
-                if stream and direction in self.held:
-                    continue  # lost with the connection when it is cut
-                dst.write(data)
-                await dst.drain()
-        except ConnectionError:
-            return
+            while data := src.recv(65536):
+                with self.lock:
+                    passed = not (stream and direction in self.held)  # held: lost in the cut
+                if passed:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        _abort(src)
+        _abort(dst)
+
+
+class _Forward(socketserver.BaseRequestHandler):
+    """One connection through the proxy: requests in this thread, replies in another."""
+
+    server: CuttingProxy
+
+    def handle(self) -> None:
+        page_side: socket.socket = self.request
+        service_side = socket.create_connection((HOST, self.server.upstream_port))
+        head = page_side.recv(65536)
+        stream = head.startswith(b"GET /v1/stream")  # a websocket's upgrade request
+        entry = (page_side, service_side, stream)
+        with self.server.lock:
+            self.server.connections.append(entry)
+        service_side.sendall(head)
+        replies = threading.Thread(
+            target=self.server.pump, args=(service_side, page_side, "replies", stream)
+        )
+        replies.start()
+        self.server.pump(page_side, service_side, "requests", stream)
+        replies.join()
+        with self.server.lock:
+            self.server.connections.remove(entry)
+        service_side.close()
+
+
+def _abort(sock: socket.socket) -> None:
+    """End a connection at once with a reset, waking any thread blocked on it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed

@@ -69,6 +69,14 @@ def open_page(browser: Browser) -> Iterator[Callable[..., LivePage]]:
 
 
 @pytest.fixture
+def live(server: LiveServer, open_page: Callable[..., LivePage]) -> LivePage:
+    """The page on a fresh service, its models listed."""
+    page = open_page(server.http_url)
+    page.wait_for_models()
+    return page
+
+
+@pytest.fixture
 def proxy(server: LiveServer) -> Iterator[CuttingProxy]:
     cutting = CuttingProxy(server.port)
     yield cutting
@@ -128,10 +136,8 @@ def test_the_package_data_ships_every_static_file() -> None:
 
 
 def test_page_loads_without_console_errors_and_lists_the_models(
-    server: LiveServer, open_page: Callable[..., LivePage]
+    server: LiveServer, live: LivePage
 ) -> None:
-    live = open_page(server.http_url)
-    live.wait_for_models()
     models = httpx.get(f"{server.http_url}/v1/models").json()["models"]
     expected = [
         [
@@ -156,12 +162,9 @@ def test_page_loads_without_console_errors_and_lists_the_models(
 
 
 def test_streaming_50_steps_draws_the_sessions_predictions(
-    server: LiveServer, open_page: Callable[..., LivePage]
+    server: LiveServer, live: LivePage
 ) -> None:
-    live = open_page(server.http_url)
-    live.wait_for_models()
-    live.start(rate=200, limit=50)
-    live.wait_for_state("finished")
+    live.play(rate=200, limit=50)
     steps = live.steps()
     changes = example_changes()
     assert [s["step"] for s in steps] == list(range(50))
@@ -180,11 +183,7 @@ def test_streaming_50_steps_draws_the_sessions_predictions(
     assert live.console_errors == []
 
 
-def test_reset_and_close_map_to_the_session(
-    server: LiveServer, open_page: Callable[..., LivePage]
-) -> None:
-    live = open_page(server.http_url)
-    live.wait_for_models()
+def test_reset_and_close_map_to_the_session(server: LiveServer, live: LivePage) -> None:
     live.start(rate=50)
     live.wait_for_steps(5)
     live.page.click("#pause")
@@ -269,19 +268,16 @@ def _settled(live: LivePage, read: Callable[[], tuple[int, int]]) -> tuple[int, 
 
 
 def test_uploaded_csv_streams_the_picked_column(
-    server: LiveServer, open_page: Callable[..., LivePage], tmp_path: Path
+    server: LiveServer, live: LivePage, tmp_path: Path
 ) -> None:
     values = [0.1 * ((i * 7) % 11) - 0.5 for i in range(20)]
     csv = tmp_path / "series.csv"
     rows = [f"{i},{2 * v},{v}" for i, v in enumerate(values)]
     csv.write_text("t,double,value\n" + "\n".join(rows) + "\n")
-    live = open_page(server.http_url)
-    live.wait_for_models()
     live.page.set_input_files("#csv-file", str(csv))
     live.page.select_option("#column-pickers select[data-input='0']", "value")
     live.page.select_option("#target-column", "double")
-    live.start(rate=200)
-    live.wait_for_state("finished")
+    live.play(rate=200)
     steps = live.steps()
     assert [s["inputs"] for s in steps] == [[v] for v in values]
     expected = session_outputs(server.http_url, MODEL, [[v] for v in values])
@@ -291,12 +287,10 @@ def test_uploaded_csv_streams_the_picked_column(
 
 
 def test_a_rejected_step_shows_the_services_error_and_pauses(
-    server: LiveServer, open_page: Callable[..., LivePage], tmp_path: Path
+    server: LiveServer, live: LivePage, tmp_path: Path
 ) -> None:
     csv = tmp_path / "huge.csv"
     csv.write_text("x\n0.5\n0.25\n1e39\n0.1\n")  # 1e39 is beyond float32
-    live = open_page(server.http_url)
-    live.wait_for_models()
     live.page.set_input_files("#csv-file", str(csv))
     live.start(rate=100)
     live.wait_for_state("paused")
@@ -305,14 +299,11 @@ def test_a_rejected_step_shows_the_services_error_and_pauses(
     assert server_step_count(server.http_url, live.session_id()) == 2
 
 
-def test_a_synthetic_signal_streams(server: LiveServer, open_page: Callable[..., LivePage]) -> None:
-    live = open_page(server.http_url)
-    live.wait_for_models()
+def test_a_synthetic_signal_streams(server: LiveServer, live: LivePage) -> None:
     live.page.check("input[name=source][value=synthetic]")
     live.page.select_option("#synthetic-kind", "square")
     live.page.fill("#synthetic-length", "30")
-    live.start(rate=200)
-    live.wait_for_state("finished")
+    live.play(rate=200)
     steps = live.steps()
     assert len(steps) == 30
     expected = session_outputs(server.http_url, MODEL, [s["inputs"] for s in steps])
@@ -337,8 +328,7 @@ def test_a_wrong_key_shows_the_error_and_the_right_one_streams(
     live.wait_for_models()
     storage = live.page.evaluate("() => [sessionStorage.length, localStorage.length]")
     assert storage == [1, 0]  # kept for the tab only
-    live.start(rate=100, limit=5)  # the websocket takes the key as ?token=
-    live.wait_for_state("finished")
+    live.play(rate=100, limit=5)  # the websocket takes the key as ?token=
 
     live.page.evaluate("() => sessionStorage.setItem('rnnserve.apiKey', 'wrong-key')")
     live.page.click("#close")
@@ -348,11 +338,7 @@ def test_a_wrong_key_shows_the_error_and_the_right_one_streams(
     live.wait_for_error("API key missing or refused: unauthorized: the API key is not valid")
 
 
-def test_live_load_follows_other_clients(
-    server: LiveServer, open_page: Callable[..., LivePage]
-) -> None:
-    live = open_page(server.http_url)
-    live.wait_for_models()
+def test_live_load_follows_other_clients(server: LiveServer, live: LivePage) -> None:
     stop = threading.Event()
     load = threading.Thread(target=_step_until, args=(server.http_url, stop), daemon=True)
     load.start()
