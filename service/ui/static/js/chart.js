@@ -29,7 +29,11 @@ export class LineChart {
    * with ``anchorRight`` (a rolling chart whose latest point is "now"). ``includeZero`` keeps 0
    * on the y axis (counts and rates); ``xLabel(x)`` labels the first and last x position.
    */
-  constructor(canvas, series, { window = 60, anchorRight = false, includeZero = false, xLabel = String } = {}) {
+  constructor(
+    canvas,
+    series,
+    { window = 60, anchorRight = false, includeZero = false, xLabel = String } = {},
+  ) {
     this.canvas = canvas;
     this.series = series;
     this.window = window;
@@ -65,8 +69,10 @@ export class LineChart {
     const ratio = window.devicePixelRatio || 1;
     const width = this.canvas.clientWidth;
     const height = this.canvas.clientHeight;
-    if (this.canvas.width !== Math.round(width * ratio)) this.canvas.width = Math.round(width * ratio);
-    if (this.canvas.height !== Math.round(height * ratio)) this.canvas.height = Math.round(height * ratio);
+    if (this.canvas.width !== Math.round(width * ratio))
+      this.canvas.width = Math.round(width * ratio);
+    if (this.canvas.height !== Math.round(height * ratio))
+      this.canvas.height = Math.round(height * ratio);
     const ctx = this.canvas.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     return { ctx, width, height };

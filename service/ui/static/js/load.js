@@ -21,7 +21,10 @@ const METRICS = {
     ],
     readout: (p) => `${formatNumber(p.p50)} / ${formatNumber(p.p99)}`,
   },
-  sessions: { series: [{ key: "sessions", color: "#0a7ea4" }], readout: (p) => formatNumber(p.sessions) },
+  sessions: {
+    series: [{ key: "sessions", color: "#0a7ea4" }],
+    readout: (p) => formatNumber(p.sessions),
+  },
 };
 
 /** The counters and gauges of one /v1/stats answer for one version ("name/version") or all. */
@@ -29,7 +32,9 @@ function totals(stats, scope) {
   const models = stats.models.filter((m) => !scope || `${m.model}/${m.version}` === scope);
   const sum = (field) => models.reduce((total, m) => total + (m[field] || 0), 0);
   const slowest = (q) => {
-    const values = models.map((m) => m.step_latency_ms && m.step_latency_ms[q]).filter(Number.isFinite);
+    const values = models
+      .map((m) => m.step_latency_ms && m.step_latency_ms[q])
+      .filter(Number.isFinite);
     return values.length ? Math.max(...values) : null;
   };
   return {
@@ -46,7 +51,14 @@ function totals(stats, scope) {
 /** What the charts show at one answer, from it and the one before (rates need two). */
 function point(previous, current, scope) {
   const now = totals(current.stats, scope);
-  const shown = { queue: now.queue, sessions: now.sessions, p50: now.p50, p99: now.p99, steps: null, batch: null };
+  const shown = {
+    queue: now.queue,
+    sessions: now.sessions,
+    p50: now.p50,
+    p99: now.p99,
+    steps: null,
+    batch: null,
+  };
   if (!previous) return shown;
   const before = totals(previous.stats, scope);
   const seconds = (current.at - previous.at) / 1000;

@@ -109,7 +109,10 @@ async function loadModels() {
   } catch (error) {
     reportError(error);
     const needsKey = error.status === 401;
-    showModelsMessage($("model-rows"), needsKey ? "an API key is needed to list the models" : error.message);
+    showModelsMessage(
+      $("model-rows"),
+      needsKey ? "an API key is needed to list the models" : error.message,
+    );
     return;
   }
   renderModels($("model-rows"), page.models);
@@ -161,7 +164,8 @@ function columnSelect(select, columns, chosen, none) {
  * next numeric one) and the column whose next value the predictions are compared with. */
 async function showColumns() {
   const source = chosenSource();
-  for (const label of document.querySelectorAll("label.synthetic")) label.hidden = source !== "synthetic";
+  for (const label of document.querySelectorAll("label.synthetic"))
+    label.hidden = source !== "synthetic";
   const model = chosenModel();
   let table = null;
   try {
@@ -179,33 +183,39 @@ async function showColumns() {
     const label = document.createElement("label");
     const select = document.createElement("select");
     select.dataset.input = i;
-    columnSelect(select, numeric, numeric.includes(name) ? name : numeric[i % numeric.length] || "");
+    columnSelect(
+      select,
+      numeric,
+      numeric.includes(name) ? name : numeric[i % numeric.length] || "",
+    );
     label.append(`${name} `, select);
     pickers.push(label);
   }
   $("column-pickers").replaceChildren(...pickers);
+  // Compare with a column named like the output, else with the first input's next value.
   const output = (model.output_names || [])[0];
-  const target = numeric.includes(output) ? output : pickers.length ? pickers[0].querySelector("select").value : "";
-  columnSelect($("target-column"), numeric, target, "(none)");
+  const first = pickers.length ? pickers[0].querySelector("select").value : "";
+  columnSelect($("target-column"), numeric, numeric.includes(output) ? output : first, "(none)");
 }
 
 /** The rows to stream, their actual values and the chart's labels, from the form. */
 async function chosenSeries(model) {
-  const limit = Number($("limit").value) || Infinity;
+  const limit = Math.floor(Number($("limit").value)) || Infinity; // empty: the whole series
+  if (limit < 1) throw new SeriesError("stop after at least one step");
   const output = (model.output_names || [])[0] || "prediction";
   if (chosenSource() === "synthetic") {
     const length = Math.min(limit, Math.max(1, Number($("synthetic-length").value) || 1));
     const noise = Math.max(0, Number($("synthetic-noise").value) || 0);
     const series = syntheticSeries($("synthetic-kind").value, length, noise, model.input_size);
-    return { ...series, labels: { input: "signal", actual: null, prediction: output } };
+    return { ...series, labels: { input: "signal", actual: "signal", prediction: output } };
   }
   const table = await chosenTable();
   if (!table) throw new SeriesError("choose a CSV file first");
   const inputs = [...$("column-pickers").querySelectorAll("select")].map((s) => s.value);
   const target = $("target-column").value;
   const { rows, targets } = csvSeries(table, inputs, target);
-  const actual = !target || target === inputs[0] ? null : target;
-  return { rows: rows.slice(0, limit), targets, labels: { input: inputs[0], actual, prediction: output } };
+  const labels = { input: inputs[0], actual: target || null, prediction: output };
+  return { rows: rows.slice(0, limit), targets, labels };
 }
 
 async function readUpload() {
@@ -238,7 +248,11 @@ async function startStream() {
   try {
     series = await chosenSeries(model);
   } catch (error) {
-    showError(error instanceof SeriesError ? `The series cannot be streamed: ${error.message}` : error.message);
+    showError(
+      error instanceof SeriesError
+        ? `The series cannot be streamed: ${error.message}`
+        : error.message,
+    );
     return;
   }
   page.rows = series.rows;
@@ -297,7 +311,8 @@ $("errors-clear").addEventListener("click", () => {
   $("errors").hidden = true;
 });
 $("stream-model").addEventListener("change", showColumns);
-for (const radio of document.querySelectorAll('input[name="source"]')) radio.addEventListener("change", showColumns);
+for (const radio of document.querySelectorAll('input[name="source"]'))
+  radio.addEventListener("change", showColumns);
 $("csv-file").addEventListener("change", readUpload);
 $("rate").addEventListener("change", () => page.session && page.session.setRate(rate()));
 $("start").addEventListener("click", startStream);

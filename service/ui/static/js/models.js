@@ -28,14 +28,13 @@ export function renderModels(tbody, models) {
       row.dataset.name = m.name;
       row.dataset.version = m.version;
       const isDefault = latest.get(m.name) === m.version;
+      const outputs = sizeWithNames(m.output_size, m.output_names);
       row.append(
         cell(m.name, m.task && m.task.description),
         cell(isDefault ? `${m.version} (default)` : String(m.version)),
         cell(m.cell),
         cell(`${m.num_layers} × ${m.hidden_size}`),
-        cell(
-          `${sizeWithNames(m.input_size, m.feature_names)} → ${sizeWithNames(m.output_size, m.output_names)}`,
-        ),
+        cell(`${sizeWithNames(m.input_size, m.feature_names)} → ${outputs}`),
         cell(m.provider, `providers in order: ${(m.providers || []).join(", ")}`),
         cell("loaded"),
         cell("–"),
@@ -60,7 +59,9 @@ export function showModelsMessage(tbody, text) {
 /** Put each version's open sessions (a /v1/stats answer) in its row. */
 export function showSessions(tbody, stats) {
   for (const m of stats.models) {
-    const row = tbody.querySelector(`tr[data-name="${CSS.escape(m.model)}"][data-version="${m.version}"]`);
+    const row = tbody.querySelector(
+      `tr[data-name="${CSS.escape(m.model)}"][data-version="${m.version}"]`,
+    );
     if (row) row.querySelector(".sessions").textContent = String(m.sessions);
   }
 }

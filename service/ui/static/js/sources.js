@@ -36,7 +36,9 @@ function cellNumber(table, record, column) {
   const value = parseNumber(raw);
   if (!Number.isFinite(value)) {
     const shown = JSON.stringify(raw === undefined ? "" : raw);
-    throw new SeriesError(`line ${record.line}, column '${table.columns[column]}': ${shown} is not a number`);
+    throw new SeriesError(
+      `line ${record.line}, column '${table.columns[column]}': ${shown} is not a number`,
+    );
   }
   return value;
 }
@@ -83,7 +85,8 @@ export function syntheticSeries(kind, length, noise, inputSize) {
   for (let t = 0; t < length; t++) {
     const row = [];
     for (let k = 0; k < inputSize; k++) {
-      const clean = kind === "walk" ? (walks[k] += 0.1 * next()) : SHAPES[kind](t + (k * PERIOD) / 4);
+      const clean =
+        kind === "walk" ? (walks[k] += 0.1 * next()) : SHAPES[kind](t + (k * PERIOD) / 4);
       row.push(clean + noise * next());
     }
     rows.push(row);

@@ -162,7 +162,8 @@ export class StreamSession {
       this.acked += 1;
       this.on.lost(sent.index);
       this.on.notice(
-        `step ${sent.index} was applied but its reply was lost with the connection; it is not resent`,
+        `step ${sent.index} was applied but its reply was lost with the connection; ` +
+          "it is not resent",
       );
     }
     this.on.notice(`resumed session ${this.sessionId} at step ${hello.step_count}`);
@@ -179,11 +180,16 @@ export class StreamSession {
   wasReset(reply) {
     this.acked = reply.step_count;
     this.on.reset();
-    if (this.state === State.STREAMING || this.state === State.FINISHED) this.setState(State.PAUSED);
+    if (this.state === State.STREAMING || this.state === State.FINISHED)
+      this.setState(State.PAUSED);
   }
 
   answered(index, reply) {
-    if (!Array.isArray(reply.outputs) || reply.outputs.length !== 1 || reply.step_count !== index + 1) {
+    if (
+      !Array.isArray(reply.outputs) ||
+      reply.outputs.length !== 1 ||
+      reply.step_count !== index + 1
+    ) {
       this.fail(
         `the service answered step ${index} with step_count ${reply.step_count}, expected ` +
           `${index + 1}; another client may be streaming to this session`,
@@ -224,7 +230,10 @@ export class StreamSession {
     this.inflight = sent;
     this.ws.send(JSON.stringify(frame));
     const seconds = REPLY_TIMEOUT_MS / 1000;
-    this.timers.reply = setTimeout(() => this.abandon(`no reply within ${seconds} s`), REPLY_TIMEOUT_MS);
+    this.timers.reply = setTimeout(
+      () => this.abandon(`no reply within ${seconds} s`),
+      REPLY_TIMEOUT_MS,
+    );
   }
 
   /** Give up on the current connection as if it had dropped. */
@@ -249,7 +258,9 @@ export class StreamSession {
       this.setState(State.CLOSED);
       this.on.notice(`session ${this.sessionId} closed`);
     } else if (RETRYABLE.has(event.code)) {
-      this.retry(event.code === 1006 ? "connection dropped" : closeInWords(event.code, event.reason));
+      this.retry(
+        event.code === 1006 ? "connection dropped" : closeInWords(event.code, event.reason),
+      );
     } else if (event.code === SESSION_GONE && this.sessionId !== null) {
       this.fail(
         `session ${this.sessionId} is gone (expired, deleted, or the service restarted) after ` +
@@ -264,7 +275,9 @@ export class StreamSession {
   retry(reason) {
     this.failures += 1;
     if (this.failures > RETRY.max) {
-      const where = this.sessionId ? ` (${this.acked} steps of session ${this.sessionId} applied)` : "";
+      const where = this.sessionId
+        ? ` (${this.acked} steps of session ${this.sessionId} applied)`
+        : "";
       this.fail(`cannot reach the service after ${RETRY.max + 1} attempts: ${reason}${where}`);
       return;
     }
@@ -273,7 +286,9 @@ export class StreamSession {
       this.beforeDrop = this.state;
       this.setState(State.RECONNECTING);
     }
-    this.on.notice(`connection lost (${reason}); retry ${this.failures} in ${seconds.toFixed(1)} s`);
+    this.on.notice(
+      `connection lost (${reason}); retry ${this.failures} in ${seconds.toFixed(1)} s`,
+    );
     this.timers.retry = setTimeout(() => this.connect(), seconds * 1000);
   }
 

@@ -18,24 +18,29 @@ export class Trace {
     this.legend = legend;
     this.table = table;
     this.error = error;
-    this.chart = new LineChart(canvas, [
-      { key: "input", color: COLORS.input },
-      { key: "actual", color: COLORS.actual },
-      { key: "prediction", color: COLORS.prediction, dots: true },
-    ], { window: WINDOW });
+    this.chart = new LineChart(
+      canvas,
+      [
+        { key: "input", color: COLORS.input },
+        { key: "actual", color: COLORS.actual },
+        { key: "prediction", color: COLORS.prediction, dots: true },
+      ],
+      { window: WINDOW },
+    );
     this.targets = null;
     this.clear();
   }
 
   /** A new series of ``length`` rows. ``targets[row]`` is the actual value at a row (null:
-   * none); ``labels`` names the input, the prediction and the actual value (null: same as the
-   * input, so it is not drawn twice). */
+   * none); ``labels`` names the input, the prediction and the actual value (null: none). An
+   * actual value that is the input itself is not drawn twice. */
   begin(length, targets, labels) {
     this.chart.window = Math.min(WINDOW, length + 1); // a short series fills the chart's width
     this.targets = targets;
-    this.showActual = labels.actual !== null;
+    const merged = labels.actual === labels.input;
+    this.showActual = labels.actual !== null && !merged;
     const keys = [
-      [COLORS.input, labels.actual === null ? `${labels.input} (input and actual)` : `${labels.input} (input)`],
+      [COLORS.input, `${labels.input} (${merged ? "input and actual" : "input"})`],
       ...(this.showActual ? [[COLORS.actual, `${labels.actual} (actual)`]] : []),
       [COLORS.prediction, `${labels.prediction} (one step ahead)`],
     ];
@@ -62,7 +67,7 @@ export class Trace {
 
   /** Step ``index`` answered: its inputs and outputs (null: the reply was lost). */
   step(index, inputs, outputs) {
-    const actual = this.targets ? this.targets[index + 1] ?? null : null;
+    const actual = this.targets ? (this.targets[index + 1] ?? null) : null;
     this.values.input[index] = inputs[0];
     this.values.prediction[index + 1] = outputs ? outputs[0] : null;
     if (this.showActual) this.values.actual[index + 1] = actual;
@@ -87,9 +92,8 @@ export class Trace {
     const rmse = count ? Math.sqrt(squared / count) : null;
     this.error.dataset.count = count;
     this.error.dataset.mae = mae ?? "";
-    this.error.textContent = count
-      ? `MAE ${formatNumber(mae)} · RMSE ${formatNumber(rmse)} over ${count} steps · last ${signed(last)}`
-      : "–";
+    const summary = `MAE ${formatNumber(mae)} · RMSE ${formatNumber(rmse)} over ${count} steps`;
+    this.error.textContent = count ? `${summary} · last ${signed(last)}` : "–";
   }
 
   addRow(index, inputs, outputs, actual, error) {
