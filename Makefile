@@ -12,7 +12,7 @@ COMMA := ,
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SERVE_EXTRAS := $(if $(filter gpu,$(GPU)),serve$(COMMA)cuda,serve)
 
-.PHONY: venv serve-venv serve test lint system-packages clean default-model
+.PHONY: venv serve-venv serve test lint system-packages clean default-model screenshot
 
 $(BIN)/.serve-$(GPU): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,13 +39,18 @@ lint: venv
 	BIN=$(BIN) deploy/check.sh
 
 # The session-store tests need a real redis-server; deploy/check.sh needs docker-compose (v1 can
-# validate a compose file without an engine). Both come from Debian's packages.
+# validate a compose file without an engine); the live page's tests drive Debian's chromium
+# through Playwright (never `playwright install`). All three come from Debian's packages.
 system-packages:
-	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose >/dev/null)
+	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose chromium >/dev/null)
 
 test: system-packages lint
 	$(BIN)/python -m pytest
+
+# The live page's picture in the docs (docs/assets/live-page.png), taken by its browser test.
+screenshot: system-packages venv
+	RNNSERVE_DOCS_ASSETS=docs/assets $(BIN)/python -m pytest tests/service/test_ui.py -q -k screenshot
 
 default-model: venv
 	$(BIN)/python -m training train --cell gru --task co2 --difference --hidden-size 48 --num-layers 1 \

@@ -22,6 +22,7 @@ from service.engine.sessions import SessionManager
 from service.engine.store import make_store
 from service.mux import endpoint as mux_endpoint
 from service.settings import Settings
+from service.ui.files import mount_ui
 from service.v2 import repository as v2_repository
 from service.v2 import routes as v2_routes
 from service.v2.sequences import SequenceTable
@@ -108,4 +109,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(v2_routes.health)
     app.include_router(v2_routes.v2)
     app.include_router(v2_repository.router)
+    mount_ui(app)
     return app
