@@ -724,7 +724,7 @@ def measure(target: str, server: Server, model: Model, args: argparse.Namespace)
             print(format_row(row), flush=True)
             for run in [r for r in drive.runs if r.error][:3]:
                 print(f"    session {run.seed}: {run.error}", flush=True)
-            if mode == "mux" and target == args.targets[0]:
+            if mode == "mux":
                 print(bare_call_line(model, sessions // args.mux_connections), flush=True)
     return rows
 
