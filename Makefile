@@ -1,11 +1,12 @@
-# Two entry points: `make serve` serves the shipped default model, `make test` runs every check.
+# Two entry points: `make serve` serves the shipped default model, `make test` runs every check
+# (lint, the documentation site, the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint system-packages clean default-model
+.PHONY: venv serve test lint docs system-packages clean default-model
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +16,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 venv: $(BIN)/.installed
+
+# The documentation tools, for `make docs` and `make test` only (not needed to serve).
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
 
 serve: venv
 	$(BIN)/python -m service --host $(HOST) --port $(PORT) --models-dir models
@@ -31,7 +37,12 @@ system-packages:
 	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose >/dev/null)
 
-test: system-packages lint
+# The site goes to build/site; --strict fails on a broken link or anchor, a missing page or a
+# generator error (not with --quiet, which hides the warnings that --strict counts).
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+test: system-packages lint docs
 	$(BIN)/python -m pytest
 
 default-model: venv
@@ -41,4 +52,4 @@ default-model: venv
 		--name co2-forecaster --version 1
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/site
