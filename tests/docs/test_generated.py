@@ -21,6 +21,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[2]
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def test_every_setting_is_in_the_reference_and_in_help() -> None:
@@ -66,6 +67,22 @@ def test_markers_are_filled_and_unknown_ones_fail() -> None:
     assert "| 4401 |" in page and "generated:" not in page
     with pytest.raises(ValueError, match="unknown generated section"):
         hooks.fill("<!-- generated: nope -->")
+
+
+def test_the_readme_links_to_files_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = [t for t in LINK.findall(readme) if "://" not in t]
+    assert targets, "the README links into docs/"
+    # docs/assets/live-page.png comes with the live page (/ui); until then it may be missing.
+    missing = [t for t in targets if not (ROOT / t).exists() and t != "docs/assets/live-page.png"]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_readme_quick_start_is_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert commands == ["make serve", "make test"]
 
 
 def test_the_metrics_page_names_every_metric_a_scrape_shows() -> None:
