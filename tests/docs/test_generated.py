@@ -13,7 +13,7 @@ import pytest
 
 from service.__main__ import build_parser
 from service.app import create_app
-from service.engine.errors import CLOSE_CODES
+from service.engine.errors import CLOSE_CODES, ServiceError
 from service.settings import Settings, describe_settings
 
 with warnings.catch_warnings():
@@ -47,6 +47,17 @@ def test_every_close_code_is_in_the_table() -> None:
     table = generate.close_codes_table()
     for code in CLOSE_CODES:
         assert f"| {code} |" in table
+
+
+def test_every_error_status_is_in_the_errors_page() -> None:
+    page = _page("reference/errors.md")
+    statuses = {error.status_code for error in _subclasses(ServiceError)}
+    missing = sorted(status for status in statuses if f"| {status} |" not in page)
+    assert not missing, f"statuses the service answers that errors.md omits: {missing}"
+
+
+def _subclasses(cls: type[ServiceError]) -> list[type[ServiceError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
 
 
 @pytest.mark.parametrize(
