@@ -1,4 +1,5 @@
-# Two entry points: `make serve` serves the shipped default model, `make test` runs every check.
+# Two entry points: `make serve` serves the shipped default model, `make test` runs every check
+# (lint, the documentation site, the tests).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ COMMA := ,
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SERVE_EXTRAS := $(if $(filter gpu,$(GPU)),serve$(COMMA)cuda,serve)
 
-.PHONY: venv serve-venv serve test lint system-packages clean default-model screenshot
+.PHONY: venv serve-venv serve test lint docs system-packages clean default-model screenshot
 
 $(BIN)/.serve-$(GPU): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ $(BIN)/.installed: pyproject.toml $(BIN)/.serve-$(GPU)
 	touch $@
 
 venv: $(BIN)/.installed
+
+# The documentation tools, for `make docs` and `make test` only (not needed to serve).
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
 
 serve-venv: $(BIN)/.serve-$(GPU)
 
@@ -45,7 +51,12 @@ system-packages:
 	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose chromium >/dev/null)
 
-test: system-packages lint
+# The site goes to build/site; --strict fails on a broken link or anchor, a missing page or a
+# generator error (not with --quiet, which hides the warnings that --strict counts).
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+test: system-packages lint docs
 	$(BIN)/python -m pytest
 
 # The live page's picture in the docs (docs/assets/live-page.png), taken by its browser test.
@@ -59,4 +70,4 @@ default-model: venv
 		--name co2-forecaster --version 1 --force
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/site

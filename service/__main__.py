@@ -12,7 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
-from service.settings import Settings
+from service.settings import Settings, describe_settings
 
 GC_YOUNG_THRESHOLD = 10_000  # container allocations between young collections (CPython: 700)
 
@@ -21,11 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Serve recurrent ONNX models. Flags override RNNSERVE_* environment variables.",
+        epilog="Every setting, with its environment variable: docs/reference/settings.md.",
     )
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        env = f"RNNSERVE_{name.upper()}"
-        parser.add_argument(flag, dest=name, default=None, help=f"{field.description} [{env}]")
+    for setting in describe_settings():
+        default = f"default: {setting.default}" if setting.default else "no default"
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            default=None,
+            help=f"{setting.doc} ({setting.kind}; {default}) [{setting.env}]",
+        )
     return parser
 
 

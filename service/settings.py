@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 import onnxruntime as ort
 from pydantic import Field, field_validator, model_validator
@@ -161,3 +162,61 @@ class Settings(BaseSettings):
                 f"(model_control_mode is {self.model_control_mode})"
             )
         return self
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as ``python -m service --help`` and the settings reference show it."""
+
+    name: str  # the field name, e.g. max_batch_size
+    flag: str  # --max-batch-size
+    env: str  # RNNSERVE_MAX_BATCH_SIZE
+    kind: str  # the accepted values, e.g. "integer >= 1" or "auto, host or device"
+    default: str  # as it would be written on the command line; "" for none
+    doc: str  # the field's docstring, on one line
+
+
+def describe_settings() -> list[SettingDoc]:
+    """Every setting of :class:`Settings`, in declaration order: the one source of their docs."""
+    prefix = Settings.model_config.get("env_prefix", "")
+    return [
+        SettingDoc(
+            name=name,
+            flag="--" + name.replace("_", "-"),
+            env=f"{prefix}{name.upper()}",
+            kind=_kind(field.annotation, field.metadata),
+            default=_shown(field.default),
+            doc=" ".join((field.description or "").split()),
+        )
+        for name, field in Settings.model_fields.items()
+    ]
+
+
+_TYPE_NAMES = {int: "integer", float: "number", str: "text", bool: "true or false", Path: "path"}
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+
+
+def _kind(annotation: object, metadata: list[object]) -> str:
+    if get_origin(annotation) is Literal:
+        values = [str(v) for v in get_args(annotation)]
+        return ", ".join(values[:-1]) + " or " + values[-1]
+    if get_origin(annotation) is list:
+        return "comma-separated list"
+    kind = _TYPE_NAMES.get(annotation, str(annotation))  # type: ignore[call-overload]
+    bounds = [
+        f"{sign} {getattr(m, attr)}"
+        for m in metadata
+        for attr, sign in _BOUNDS
+        if getattr(m, attr, None) is not None
+    ]
+    return ", ".join([kind, *bounds])
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, list):
+        return ",".join(str(item) for item in default)
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)

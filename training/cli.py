@@ -99,7 +99,9 @@ def _add_export(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     p = subparsers.add_parser(
         "export",
         help="export a checkpoint to models/<name>/<version>/",
-        description=("Write model.onnx and metadata.json for the service (docs/model-format.md)."),
+        description=(
+            "Write model.onnx and metadata.json for the service (docs/reference/model-format.md)."
+        ),
     )
     p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by train")
     p.add_argument("--out", type=Path, required=True, help="folder, e.g. models/co2-forecaster/1")

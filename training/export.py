@@ -1,7 +1,8 @@
 """Export a trained model to ``models/<name>/<version>/{model.onnx, metadata.json}``.
 
-The layout and every metadata field are specified in ``docs/model-format.md``. An export succeeds
-only when ``onnx.checker`` accepts the graph and ONNX Runtime reproduces torch on a random batch.
+The layout and every metadata field are specified in ``docs/reference/model-format.md``. An export
+succeeds only when ``onnx.checker`` accepts the graph and ONNX Runtime reproduces torch on a random
+batch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Build the ONNX graph of a :class:`training.model.RecurrentModel` by hand, with ``onnx.helper``.
 
 ``torch.onnx`` unrolls the time loop and freezes the sequence length, so the graph is written
-directly. Two forms, both with dynamic batch and time (see ``docs/model-format.md``):
+directly. Two forms, both with dynamic batch and time (see ``docs/reference/model-format.md``):
 
 - ``scan`` (every cell): per layer, the input projection of all steps is one MatMul over
   ``(T, B, n)``, hoisted out of the loop; then one ``Scan`` whose body does one step of the cell and

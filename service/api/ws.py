@@ -42,7 +42,7 @@ class _Closed(Exception):
 
 
 class StreamEndpoint:
-    """The ASGI app of ``/v1/stream``; see docs/service.md for frames and close codes.
+    """The ASGI app of ``/v1/stream``; see docs/reference/websocket.md for frames and close codes.
 
     A plain ASGI endpoint rather than a FastAPI route: Starlette's ``WebSocket`` opens the
     connection and says hello, then the frame loop talks to the server's ``receive`` and ``send``

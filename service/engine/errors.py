@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import Enum
 
-# Websocket close codes the service uses, documented in docs/service.md.
+# Websocket close codes the service uses, documented in docs/reference/websocket.md.
 CLOSE_CODES: dict[int, str] = {
     1000: "normal closure (the client sent {'close': true}; the session is deleted)",
     1012: "service restart: the server is shutting down; with the Redis store, resume on any "

@@ -1,4 +1,4 @@
-"""The service's own view of ``metadata.json`` (docs/model-format.md), validated with pydantic."""
+"""The service's own view of ``metadata.json``, validated (docs/reference/model-format.md)."""
 
 from __future__ import annotations
 
