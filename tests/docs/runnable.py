@@ -186,9 +186,11 @@ class PageRunner:
         code = PORT_AFTER_HOST.sub(lambda m: str(self.port(int(m.group(1)))), code)
         code = PORT_FLAG.sub(lambda m: str(self.port(int(m.group(1)))), code)
         code = VENV_PYTHON.sub(shlex.quote(self.python), code)
+        bin_dir = shlex.quote(str(Path(self.python).parent))
+        installed = " ".join(f"-o {bin_dir}/.serve-{kind}" for kind in ("cpu", "gpu"))
         serve = (
-            f"make -f {shlex.quote(str(self.repo / 'Makefile'))} -o venv serve "
-            f"BIN={shlex.quote(str(Path(self.python).parent))} PORT={self.port(8000)}"
+            f"make -f {shlex.quote(str(self.repo / 'Makefile'))} {installed} serve "
+            f"BIN={bin_dir} PORT={self.port(8000)}"
         )
         return MAKE_SERVE.sub(serve, code)
 

@@ -84,8 +84,7 @@ def test_the_readme_links_to_files_that_exist() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     targets = [t for t in LINK.findall(readme) if "://" not in t]
     assert targets, "the README links into docs/"
-    # docs/assets/live-page.png comes with the live page (/ui); until then it may be missing.
-    missing = [t for t in targets if not (ROOT / t).exists() and t != "docs/assets/live-page.png"]
+    missing = [t for t in targets if not (ROOT / t).exists()]
     assert not missing, f"README links to missing files: {missing}"
 
 

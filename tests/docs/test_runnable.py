@@ -52,7 +52,8 @@ def test_documented_addresses_and_commands_are_rewritten(tmp_path: Path) -> None
     web, redis = runner.ports[8000], runner.ports[6379]
     assert f"localhost:{web}/x" in code and f"--port {redis}" in code
     assert "/opt/py/bin/python -m service" in code
-    assert f"-o venv serve BIN=/opt/py/bin PORT={web}" in code
+    installed = "-o /opt/py/bin/.serve-cpu -o /opt/py/bin/.serve-gpu"
+    assert f"{installed} serve BIN=/opt/py/bin PORT={web}" in code
 
 
 def test_bash_blocks_share_variables(tmp_path: Path) -> None:
