@@ -35,6 +35,7 @@ from service.mux.codec import StepReply
 
 MUX_PATH = "/v1/mux"
 FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
 
 
 class MuxError(ClientError):
@@ -213,6 +214,7 @@ class ColumnStep:
     index: int
     inputs: Row
     outputs: list[float]
+    column_index: int = 0
 
 
 async def stream_columns(
@@ -235,6 +237,7 @@ async def stream_columns(
     retry = retry or RetryPolicy()
     say = notify or (lambda message: None)
     session_ids: list[str] | None = None
+    acked = np.zeros(len(columns), np.int64)  # steps whose outputs were yielded, per column
     failures = 0
     while True:
         try:
@@ -249,10 +252,10 @@ async def stream_columns(
                     session_ids = opened.session_ids
                 else:
                     opened = await mux.attach(session_ids)
-                    counts = sorted(set(opened.step_counts))
-                    say(f"resumed {len(session_ids)} sessions at steps {counts}")
+                    _report_lost(columns, acked, np.array(opened.step_counts), say)
                 failures = 0
                 async for step in _frames(mux, opened, columns, rows):
+                    acked[step.column_index] = step.index + 1
                     yield step
                 await mux.close(opened.handles)
                 return
@@ -263,6 +266,17 @@ async def stream_columns(
             delay = retry.delay(failures)
             say(f"connection lost ({exc}); retry {failures} in {delay:.1f} s")
             await asyncio.sleep(delay)
+
+
+def _report_lost(columns: Sequence[str], acked: IntArray, applied: IntArray, say: Any) -> None:
+    """Say which steps the sessions applied but whose replies the dropped connection lost."""
+    for column, first, count in zip(columns, acked.tolist(), applied.tolist(), strict=True):
+        if count > first:
+            say(
+                f"column {column!r}: steps {first}..{count - 1} were applied but their replies "
+                "were lost with the connection; they are not resent"
+            )
+    say(f"resumed {len(columns)} sessions at steps {sorted(set(applied.tolist()))}")
 
 
 async def _frames(
@@ -280,5 +294,5 @@ async def _frames(
             raise ClientError(f"server refused column {columns[int(active[entry])]!r}: {message}")
         for k, column in enumerate(active.tolist()):
             value, output = float(inputs[k, 0, 0]), reply.outputs[k, 0].tolist()
-            yield ColumnStep(columns[column], int(done[column]), [value], output)
+            yield ColumnStep(columns[column], int(done[column]), [value], output, column)
         done[active] += 1
