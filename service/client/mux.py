@@ -202,6 +202,11 @@ class MuxClient:
         return reply
 
 
+def _shortest(value: np.float32) -> float:
+    """A float32 as the Python float of its shortest decimal form (as JSON replies give it)."""
+    return float(str(value))
+
+
 def _error_of(reply: dict[str, Any]) -> str:
     return str(reply.get("error", reply))
 
@@ -293,6 +298,7 @@ async def _frames(
             entry, message = next(iter(reply.messages.items()))
             raise ClientError(f"server refused column {columns[int(active[entry])]!r}: {message}")
         for k, column in enumerate(active.tolist()):
-            value, output = float(inputs[k, 0, 0]), reply.outputs[k, 0].tolist()
-            yield ColumnStep(columns[column], int(done[column]), [value], output, column)
+            index = int(done[column])
+            output = [_shortest(value) for value in reply.outputs[k, 0]]
+            yield ColumnStep(columns[column], index, [rows[index][column]], output, column)
         done[active] += 1

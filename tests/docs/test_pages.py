@@ -26,6 +26,7 @@ EXECUTED = {
     "docs/how-to/batching.md",
     "docs/how-to/redis.md",
     "docs/how-to/triton-http.md",
+    "docs/how-to/mux.md",
 }
 
 
