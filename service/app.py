@@ -18,6 +18,7 @@ from service.api.limits import BodySizeLimit
 from service.engine.dataplane import DataPlane
 from service.engine.manager import ModelManager
 from service.engine.metrics import Metrics
+from service.engine.sequences import MemorySequences, StoredSequences
 from service.engine.sessions import SessionManager
 from service.engine.store import make_store
 from service.mux import endpoint as mux_endpoint
@@ -64,6 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
         sessions = SessionManager(settings.max_sessions, settings.idle_ttl_s, durable=durable)
         dataplane = DataPlane(sessions, settings.max_steps_per_chunk, store, app.state.metrics)
         app.state.dataplane = dataplane
+        sequences = MemorySequences(sessions) if store is None else StoredSequences(store)
+        app.state.v2_sequences = SequenceTable(sequences)
         models = app.state.model_manager = ModelManager(settings, dataplane, executor)
         if store is not None:
             await store.start()
@@ -105,7 +108,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ws.router)
     app.router.routes.append(mux_endpoint.route())
     app.include_router(metrics_api.router)
-    app.state.v2_sequences = SequenceTable()
     app.include_router(v2_routes.health)
     app.include_router(v2_routes.v2)
     app.include_router(v2_repository.router)

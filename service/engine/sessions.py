@@ -7,6 +7,7 @@ import logging
 import secrets
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
@@ -129,6 +130,7 @@ class SessionManager:
         self._unloaded: OrderedDict[str, tuple[str | None, UnloadedVersion]] = OrderedDict()
         self._attachments = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self.on_end: list[Callable[[str], None]] = []  # told the id of each session that ends
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -238,12 +240,19 @@ class SessionManager:
         session.state = state
         del self._sessions[session.id]
         session.model.pool.release(session.slot)
+        self._ended(session)
         if state is not SessionState.CLOSED:
             self.evictions[reason] += 1
         if state is SessionState.EXPIRED:
             self._expired[session.id] = None
             if len(self._expired) > EXPIRED_IDS_REMEMBERED:
                 self._expired.popitem(last=False)
+
+    def _ended(self, session: Session) -> None:
+        """Tell ``on_end`` that a session left this process (without a durable store, for good)."""
+        if not self.durable:
+            for listener in self.on_end:
+                listener(session.id)
 
     def detach_model(self, model: ServedModel, why: UnloadedVersion) -> list[Session]:
         """Take the sessions of ``model`` (a version being unloaded) out of the lookup at once.
@@ -267,6 +276,7 @@ class SessionManager:
         if session.state is not SessionState.EVICTED:
             session.state = SessionState.EVICTED
             session.model.pool.release(session.slot)
+            self._ended(session)
             self.evictions["unloaded"] += 1
 
     def close_all(self) -> None:

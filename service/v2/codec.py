@@ -19,6 +19,7 @@ import orjson
 from service.engine.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_RANK = 8  # no input of a recurrent model has more dimensions; numpy stops at 64
 
 #: V2 datatypes this service can decode, and their numpy types (little-endian).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -98,6 +99,8 @@ def _shape(raw: Any, name: str) -> tuple[int, ...]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
     ):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(raw) > MAX_RANK:
+        raise BadRequest(f"input {name!r}: 'shape' has {len(raw)} dimensions; at most {MAX_RANK}")
     return tuple(raw)
 
 

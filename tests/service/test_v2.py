@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -268,6 +270,25 @@ def _x_json(shape: list[int], data: Any, datatype: str = "FP32") -> dict[str, An
             "at most 64 steps",
             id="chunk-over-the-limit",
         ),
+        pytest.param(_x_json([1] * 70, [0.5]), "70 dimensions; at most 8", id="rank-70"),
+        pytest.param(
+            {**_x_json([1, 1, 2], [1, 2]), "parameters": {"sequence_id": "s" * 300}},
+            "300 bytes long; at most 256",
+            id="long-sequence-id",
+        ),
+        pytest.param(
+            {**_x_json([1, 1, 2], [1, 2]), "parameters": {"expected_step_count": 2}},
+            "need a non-zero sequence_id",
+            id="count-without-sequence",
+        ),
+        pytest.param(
+            {
+                **_x_json([1, 1, 2], [1, 2]),
+                "parameters": {"sequence_id": 5, "sequence_start": True, "expected_step_count": -1},
+            },
+            "expected_step_count must be an integer >= 0",
+            id="negative-count",
+        ),
     ],
 )
 def test_invalid_requests_get_a_clear_400(live: Any, body: Any, message: str | None) -> None:
@@ -416,3 +437,58 @@ def test_the_raw_infer_path_answers_binary_requests_as_the_fastapi_route(
         assert response.status_code == 200
         answers.append((response.content, response.headers["inference-header-content-length"]))
     assert answers[0] == answers[1]
+
+
+def _sequence_request(
+    sequence_id: int, start: bool = False, end: bool = False, **parameters: Any
+) -> dict[str, Any]:
+    flags = {"sequence_id": sequence_id, "sequence_start": start, "sequence_end": end}
+    return {**_x_json([1, 1, 2], [0.5, -0.5]), "parameters": {**flags, **parameters}}
+
+
+async def test_concurrent_requests_of_one_sequence_run_in_order_never_500(live: Any) -> None:
+    """Four concurrent sequence_end requests: the first ends the sequence, the others find it
+    gone and change nothing."""
+    assert _raw_infer(live, _sequence_request(9, start=True)).status_code == 200
+    async with httpx.AsyncClient(base_url=live.http_url, timeout=10) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post("/v2/models/tiny/infer", json=_sequence_request(9, end=True))
+                for _ in range(4)
+            )
+        )
+    statuses = sorted(answer.status_code for answer in answers)
+    assert statuses == [200, 400, 400, 400]
+    ended = next(a for a in answers if a.status_code == 200).json()["parameters"]
+    assert ended["step_count"] == 2
+    for answer in answers:
+        if answer.status_code == 400:
+            assert "must specify the START flag" in answer.json()["error"]
+
+
+def test_expected_step_count_makes_a_retried_sequence_request_safe(live: Any) -> None:
+    first = _raw_infer(live, _sequence_request(11, start=True, expected_step_count=0))
+    assert first.status_code == 200
+    again = _raw_infer(live, _sequence_request(11, expected_step_count=1))
+    retry = _raw_infer(live, _sequence_request(11, expected_step_count=1))  # answer was "lost"
+    assert again.status_code == 200 and again.json()["parameters"]["step_count"] == 2
+    assert retry.status_code == 409 and retry.json()["step_count"] == 2
+    assert "is at step 2, not 1" in retry.json()["error"]
+
+
+def test_a_sequence_whose_session_ends_leaves_no_entry(make_client: Callable[..., Any]) -> None:
+    client = make_client(idle_ttl_s=0.2)
+    for sequence_id in range(1, 31):
+        body = _sequence_request(sequence_id, start=True)
+        assert client.post("/v2/models/tiny/infer", json=body).status_code == 200
+    table = client.app.state.v2_sequences
+    assert len(table.map) == 30
+    end = _sequence_request(1, end=True)
+    assert client.post("/v2/models/tiny/infer", json=end).status_code == 200
+    assert len(table.map) == 29
+    deadline = time.monotonic() + 10
+    while len(table.map) and time.monotonic() < deadline:  # the other 29 expire idle
+        time.sleep(0.05)
+    assert len(table.map) == 0
+    later = client.post("/v2/models/tiny/infer", json=_sequence_request(2))
+    assert later.status_code == 400 and "START flag" in later.json()["error"]

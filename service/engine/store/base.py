@@ -55,6 +55,20 @@ class SessionStore(Protocol):
 
     async def delete(self, session_id: str) -> None: ...
 
+    async def touch(self, session_ids: list[str]) -> None:
+        """Restart the idle TTL of these sessions (attached or read, not written)."""
+        ...
+
+    async def get_sequence(self, key: str) -> str | None:
+        """The session id of a V2 sequence, or None; restarts the entry's idle TTL."""
+        ...
+
+    async def put_sequence(self, key: str, session_id: str) -> None: ...
+
+    async def drop_sequence(self, key: str, session_id: str) -> None:
+        """Forget the sequence if it still maps to ``session_id``."""
+        ...
+
 
 def owner_hash(owner: str | None) -> str:
     """A stable, non-reversible tag of an API key (the key itself is never stored)."""

@@ -62,6 +62,13 @@ return {rev, redis.call('HGET', KEYS[1], 'blob')}
 """
 
 
+# KEYS[1] sequence key; ARGV[1] session id. Deletes the key only if it still maps to that id.
+DROP_SEQUENCE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 @dataclass
 class _Pending:
     args: tuple[Any, ...]
@@ -123,8 +130,35 @@ class RedisStore:
     async def delete(self, session_id: str) -> None:
         await self._call("DEL", self._key(session_id))
 
+    async def touch(self, session_ids: list[str]) -> None:
+        if self._ttl_ms > 0 and session_ids:
+            await asyncio.gather(
+                *(self._call("PEXPIRE", self._key(sid), self._ttl_ms) for sid in session_ids)
+            )
+
+    async def get_sequence(self, key: str) -> str | None:
+        name = self._sequence_key(key)
+        if self._ttl_ms > 0:
+            value = await self._call("GETEX", name, "PX", self._ttl_ms)
+        else:
+            value = await self._call("GET", name)
+        return None if value is None else value.decode()
+
+    async def put_sequence(self, key: str, session_id: str) -> None:
+        name = self._sequence_key(key)
+        if self._ttl_ms > 0:
+            await self._call("SET", name, session_id, "PX", self._ttl_ms)
+        else:
+            await self._call("SET", name, session_id)
+
+    async def drop_sequence(self, key: str, session_id: str) -> None:
+        await self._call("EVAL", DROP_SEQUENCE, 1, self._sequence_key(key), session_id)
+
     def _key(self, session_id: str) -> str:
         return f"{self._prefix}session:{session_id}"
+
+    def _sequence_key(self, key: str) -> str:
+        return f"{self._prefix}sequence:{key}"
 
     async def _call(self, *args: Any) -> Any:
         """Queue one command for this tick's pipeline and wait for its reply."""

@@ -1,0 +1,106 @@
+"""Which session carries each open V2 sequence, kept where sessions live.
+
+Triton's sequence extension names a stream by a ``sequence_id`` that the client chooses; the
+service runs each sequence as a session. The map from a sequence's key (the caller's key hash,
+the model and the id) to its session id lives beside the sessions: in this process with the
+memory store, where an entry goes when its session ends; in Redis with the Redis store, where
+any replica continues any sequence and an entry expires with the idle TTL, refreshed on every
+request of its sequence. ``SequenceLocks`` orders the requests of one sequence in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+from service.engine.sessions import SessionManager
+from service.engine.store.base import SessionStore
+
+
+class SequenceMap(Protocol):
+    """Sequence keys to session ids."""
+
+    async def get(self, key: str) -> str | None:
+        """The session of the sequence ``key``, or None (refreshing the entry's expiry)."""
+        ...
+
+    async def put(self, key: str, session_id: str) -> None: ...
+
+    async def drop(self, key: str, session_id: str) -> None:
+        """Forget ``key`` if it still maps to ``session_id``."""
+        ...
+
+
+class MemorySequences:
+    """The map in this process; an entry goes when its session ends (close, expiry, unload)."""
+
+    def __init__(self, sessions: SessionManager) -> None:
+        self._sessions: dict[str, str] = {}  # sequence key -> session id
+        self._keys: dict[str, str] = {}  # session id -> sequence key
+        sessions.on_end.append(self._ended)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def get(self, key: str) -> str | None:
+        return self._sessions.get(key)
+
+    async def put(self, key: str, session_id: str) -> None:
+        old = self._sessions.get(key)
+        if old is not None:
+            self._keys.pop(old, None)
+        self._sessions[key] = session_id
+        self._keys[session_id] = key
+
+    async def drop(self, key: str, session_id: str) -> None:
+        if self._sessions.get(key) == session_id:
+            del self._sessions[key]
+            self._keys.pop(session_id, None)
+
+    def _ended(self, session_id: str) -> None:
+        key = self._keys.pop(session_id, None)
+        if key is not None and self._sessions.get(key) == session_id:
+            del self._sessions[key]
+
+
+class StoredSequences:
+    """The map in the durable store, shared by every replica."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+
+    async def get(self, key: str) -> str | None:
+        return await self._store.get_sequence(key)
+
+    async def put(self, key: str, session_id: str) -> None:
+        await self._store.put_sequence(key, session_id)
+
+    async def drop(self, key: str, session_id: str) -> None:
+        await self._store.drop_sequence(key, session_id)
+
+
+class SequenceLocks:
+    """One lock per sequence key, held while a request of that sequence runs; a lock lives only
+    while a request holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
