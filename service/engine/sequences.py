@@ -11,12 +11,15 @@ request of its sequence. ``SequenceLocks`` orders the requests of one sequence i
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Protocol
 
 from service.engine.sessions import SessionManager
 from service.engine.store.base import SessionStore
+
+ENDED_REMEMBERED = 10_000  # ended sequences that still answer why (ids are at most 256 bytes)
 
 
 class SequenceMap(Protocol):
@@ -34,23 +37,28 @@ class SequenceMap(Protocol):
 
 
 class MemorySequences:
-    """The map in this process; an entry goes when its session ends (close, expiry, unload)."""
+    """The map in this process. When a session ends (close, expiry, unload), its entry moves to a
+    short, bounded memory of ended sequences, so that a late request of the sequence learns why
+    (expired, unloaded...) rather than only that it is unknown."""
 
     def __init__(self, sessions: SessionManager) -> None:
         self._sessions: dict[str, str] = {}  # sequence key -> session id
         self._keys: dict[str, str] = {}  # session id -> sequence key
-        sessions.on_end.append(self._ended)
+        self._ended: OrderedDict[str, str] = OrderedDict()  # recently ended, oldest first
+        sessions.on_end.append(self._session_ended)
 
     def __len__(self) -> int:
+        """Open sequences (those whose sessions live)."""
         return len(self._sessions)
 
     async def get(self, key: str) -> str | None:
-        return self._sessions.get(key)
+        return self._sessions.get(key) or self._ended.get(key)
 
     async def put(self, key: str, session_id: str) -> None:
         old = self._sessions.get(key)
         if old is not None:
             self._keys.pop(old, None)
+        self._ended.pop(key, None)
         self._sessions[key] = session_id
         self._keys[session_id] = key
 
@@ -58,11 +66,17 @@ class MemorySequences:
         if self._sessions.get(key) == session_id:
             del self._sessions[key]
             self._keys.pop(session_id, None)
+        if self._ended.get(key) == session_id:
+            del self._ended[key]
 
-    def _ended(self, session_id: str) -> None:
+    def _session_ended(self, session_id: str) -> None:
         key = self._keys.pop(session_id, None)
-        if key is not None and self._sessions.get(key) == session_id:
-            del self._sessions[key]
+        if key is None or self._sessions.get(key) != session_id:
+            return
+        del self._sessions[key]
+        self._ended[key] = session_id
+        while len(self._ended) > ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
 
 
 class StoredSequences:

@@ -491,4 +491,6 @@ def test_a_sequence_whose_session_ends_leaves_no_entry(make_client: Callable[...
         time.sleep(0.05)
     assert len(table.map) == 0
     later = client.post("/v2/models/tiny/infer", json=_sequence_request(2))
-    assert later.status_code == 400 and "START flag" in later.json()["error"]
+    assert later.status_code == 404 and "expired after 0.2 s idle" in later.json()["error"]
+    again = client.post("/v2/models/tiny/infer", json=_sequence_request(2))
+    assert again.status_code == 400 and "START flag" in again.json()["error"]
