@@ -31,7 +31,14 @@ from service.engine.sessions import LIVE, Session, SessionManager, SessionState
 from service.engine.state_pool import SlotArray
 from service.engine.store import SessionModelNotServed, SessionRecord, SessionStore
 from service.engine.store.base import owner_hash
-from service.engine.store.errors import SessionBusy, StoredSessionNotFound, StoredSessionUnreadable
+from service.engine.store.errors import (
+    OutcomeUnknown,
+    SessionBusy,
+    SessionConflict,
+    StoredSessionNotFound,
+    StoredSessionUnreadable,
+    StoreUnavailable,
+)
 
 T = TypeVar("T")
 
@@ -260,9 +267,10 @@ class DataPlane:
         started = time.perf_counter()
         await self.refresh(session)
         _check_step_count(session, expected_step_count)
+        stored = session.step_count
         result = await self._submit(session, x)
         try:
-            await self.save(session, result.state)
+            await self.save(session, result.state, stored_count=stored)
         except ServiceError:
             self.sessions.evict(session, "store")  # this copy is ahead of the store: drop it
             raise
@@ -401,9 +409,19 @@ class DataPlane:
         session.revision = record.revision
 
     async def save(
-        self, session: Session, state: FloatArray, step_count: int | None = None
+        self,
+        session: Session,
+        state: FloatArray,
+        step_count: int | None = None,
+        stored_count: int | None = None,
     ) -> None:
-        """Compare-and-set the session's next revision in the durable store."""
+        """Compare-and-set the session's next revision in the durable store.
+
+        ``step_count`` is the count to store (default: the session's); ``stored_count`` the count
+        the store holds now (default: the same), named in the error if the outcome is unknown.
+        When the store does not confirm the write in time, its revision is read back: the step
+        succeeds if the write was applied, and fails saying so if it was not, or may have been.
+        """
         assert self.store is not None
         record = SessionRecord(
             session_id=session.id,
@@ -415,8 +433,31 @@ class DataPlane:
             created_at=session.created_at,
             state=state,  # (S, L, m)
         )
-        await self.store.save(record)
+        try:
+            await self.store.save(record)
+        except StoreUnavailable as exc:
+            known = record.step_count if stored_count is None else stored_count
+            await self._settle(record, exc, known)
         session.revision = record.revision
+
+    async def _settle(self, record: SessionRecord, error: StoreUnavailable, before: int) -> None:
+        """After a write the store did not confirm, read back whether it was applied.
+
+        Applied: return, the step succeeded. Not applied: raise ``error`` (the session is
+        unchanged, retry). Unreadable: raise ``OutcomeUnknown`` with the step count before.
+        """
+        assert self.store is not None
+        try:
+            found = await self.store.load(record.session_id, known_revision=record.revision)
+        except ServiceError:
+            raise OutcomeUnknown(record.session_id, before, "no reply in time") from None
+        if found == record.revision:
+            return  # the write was applied; only its reply was late
+        if isinstance(found, SessionRecord) and found.revision == record.revision - 1:
+            raise error  # not applied: the session is unchanged
+        raise SessionConflict(
+            record.session_id, record.revision - 1, None if found is None else _revision(found)
+        )
 
     def _model_of(self, record: SessionRecord) -> ServedModel:
         try:
@@ -451,6 +492,10 @@ class DataPlane:
                 }
             )
         return {"sessions": len(self.sessions), "models": models}
+
+
+def _revision(found: SessionRecord | int) -> int:
+    return found if isinstance(found, int) else found.revision
 
 
 def _check_not_held(session: Session) -> None:

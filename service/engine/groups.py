@@ -33,6 +33,7 @@ from service.engine.errors import InvalidInput, NonFiniteOutput, ServiceError, S
 from service.engine.models import ServedModel
 from service.engine.runtime import FloatArray
 from service.engine.sessions import Session, SessionState
+from service.engine.store.errors import OutcomeUnknown
 
 if TYPE_CHECKING:
     from service.engine.dataplane import DataPlane
@@ -397,7 +398,8 @@ class StreamGroup:
         session = self._sessions[handle]
         assert session is not None
         try:
-            await self._plane.save(session, state, step_count=int(self._counts[handle]) + steps)
+            count = int(self._counts[handle])
+            await self._plane.save(session, state, step_count=count + steps, stored_count=count)
         except ServiceError as exc:
             # This replica's copy is ahead of the store: drop it, and the handle with it.
             self._status[handle] = EntryStatus.SESSION_GONE
@@ -492,6 +494,8 @@ class _Frame:
 
 
 def _status_of(error: ServiceError) -> EntryStatus:
+    if isinstance(error, OutcomeUnknown):
+        return EntryStatus.OUTCOME_UNKNOWN
     if error.status_code == 503:
         return EntryStatus.UNAVAILABLE
     if error.status_code in (404, 409):

@@ -15,6 +15,19 @@ class StoreUnavailable(Unavailable):
         )
 
 
+class OutcomeUnknown(Unavailable):
+    """A write the store did not confirm, and whose outcome could not be read back."""
+
+    def __init__(self, session_id: str, step_count: int, reason: str) -> None:
+        super().__init__(
+            f"the session store did not confirm this step of session {session_id!r} ({reason}), "
+            f"and the outcome could not be read back: it may or may not have been applied. The "
+            f"session was at step {step_count} before it; read GET /v1/sessions/{session_id}, or "
+            f"retry with expected_step_count {step_count}",
+            step_count=step_count,
+        )
+
+
 class SessionConflict(Conflict):
     """Another replica (or request) advanced the session first; this step was not applied."""
 

@@ -160,7 +160,8 @@ def start_service(
         started = []
         for _ in range(count):
             log = tmp_path / f"service-{len(processes)}.log"
-            process = ServiceProcess(models_dir, redis_server.url, log, **settings)
+            url = settings.pop("redis_url", redis_server.url)  # e.g. through a fault proxy
+            process = ServiceProcess(models_dir, url, log, **settings)
             processes.append(process)
             process.launch()
             started.append(process)
