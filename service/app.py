@@ -72,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
             await store.start()
         models.start()
         sessions.start_sweeper()
+        dataplane.start_keepalive()
         try:
             yield
         finally:
@@ -80,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
             await models.stop_control()
             await dataplane.drain(settings.shutdown_timeout_s)
             await sessions.stop_sweeper()
+            await dataplane.stop_keepalive()
             await models.stop()
             if store is not None:
                 await store.close()

@@ -7,6 +7,7 @@ arrive as decoded JSON values (nested lists) or numpy arrays; results are numpy 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -39,6 +40,8 @@ from service.engine.store.errors import (
     StoredSessionUnreadable,
     StoreUnavailable,
 )
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -114,6 +117,7 @@ class DataPlane:
         self.store = store
         self.metrics = metrics or Metrics()
         self.groups: set[StreamGroupLike] = set()  # the open mux streams (service.engine.groups)
+        self._keepalive: asyncio.Task[None] | None = None
         self._repository: ModelRepository | None = None
 
     # -- models -----------------------------------------------------------------------------
@@ -216,6 +220,8 @@ class DataPlane:
                 return self._info(session)
             async with session.lock:
                 await self.refresh(session)
+                if self.store is not None:
+                    await self.store.touch([session.id])  # reading it keeps it alive
                 return self._info(session)
 
     async def step(
@@ -339,6 +345,29 @@ class DataPlane:
         session = self.sessions.get_any(session_id)
         if session is not None:
             self.sessions.detach(session, attachment)
+
+    def start_keepalive(self) -> None:
+        """With a durable store and an idle TTL: keep attached sessions alive in the store."""
+        if self.store is not None and self.sessions.idle_ttl_s > 0:
+            self._keepalive = asyncio.create_task(self._keep_attached_alive(), name="keepalive")
+
+    async def stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            await asyncio.gather(self._keepalive, return_exceptions=True)
+
+    async def _keep_attached_alive(self) -> None:
+        """Restart the stored TTL of every attached session a few times per TTL: a stream that
+        is attached but quiet must not lose its session (writes restart it only when stepped)."""
+        assert self.store is not None
+        interval = min(max(self.sessions.idle_ttl_s / 3, 0.05), 60.0)
+        while True:
+            await asyncio.sleep(interval)
+            attached = [s.id for s in self.sessions.cached() if s.state is SessionState.STREAMING]
+            try:
+                await self.store.touch(attached)
+            except ServiceError as exc:  # Redis unreachable for now: the next round tries again
+                logger.warning("could not refresh the TTL of attached sessions: %s", exc)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``) until no step is queued or running (for shutdown)."""

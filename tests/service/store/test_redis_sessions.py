@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import threading
 import time
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
+from websockets.asyncio.client import connect
 
 from service.engine.store import codec
 
@@ -211,3 +214,29 @@ def test_redis_unreachable_fails_fast_and_recovers(
         redis_server.start()  # back, empty (no persistence configured in the test)
         assert step(client, session_id, data[2]).status_code == 404
         assert step(client, create(client), data[2]).status_code == 200
+
+
+async def test_an_attached_quiet_websocket_keeps_its_session(
+    start_service: Callable[..., ServiceProcess], redis_server: RedisServer
+) -> None:
+    service = start_service(idle_ttl_s=1)
+    ws_url = service.url.replace("http", "ws") + "/v1/stream?model=" + MODEL
+    async with connect(ws_url) as ws:
+        session_id = json.loads(await ws.recv())["session_id"]
+        await asyncio.sleep(2.5)  # attached, no frame: longer than the idle TTL
+        await ws.send(json.dumps({"inputs": [[1.0, 2.0]]}))
+        reply = json.loads(await ws.recv())
+    assert reply["step_count"] == 1, reply
+    assert redis_server.client().exists(f"rnnserve:session:{session_id}")
+
+
+def test_reading_a_session_keeps_it_alive(
+    start_service: Callable[..., ServiceProcess], redis_server: RedisServer
+) -> None:
+    service = start_service(idle_ttl_s=1)
+    with service.client() as client:
+        session_id = create(client)
+        for _ in range(6):  # 2.4 s of reads, each within the 1 s TTL of the last
+            time.sleep(0.4)
+            assert client.get(f"/v1/sessions/{session_id}").status_code == 200
+    assert redis_server.client().pttl(f"rnnserve:session:{session_id}") > 0
