@@ -62,7 +62,12 @@ def create_app(settings: Settings) -> FastAPI:
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rnnserve-onnx")
         store = make_store(settings)
         durable = store is not None
-        sessions = SessionManager(settings.max_sessions, settings.idle_ttl_s, durable=durable)
+        sessions = SessionManager(
+            settings.max_sessions,
+            settings.idle_ttl_s,
+            durable=durable,
+            max_per_key=settings.max_sessions_per_key,
+        )
         dataplane = DataPlane(sessions, settings.max_steps_per_chunk, store, app.state.metrics)
         app.state.dataplane = dataplane
         sequences = MemorySequences(sessions) if store is None else StoredSequences(store)

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     """ONNX Runtime execution providers in order of preference (comma-separated)."""
     max_sessions: int = Field(default=100_000, ge=1)
     """Most open streaming sessions, all models together; more answer 503."""
+    max_sessions_per_key: int = Field(default=0, ge=0)
+    """Most open sessions one API key may hold (in this replica), so that one key cannot take
+    every slot; more answer 429. 0 = no per-key limit (it needs api_keys to apply)."""
     idle_ttl_s: float = Field(default=600.0, ge=0)
     """Seconds a session may stay idle (no step, no websocket) before it expires; 0 = never."""
     max_steps_per_chunk: int = Field(default=4096, ge=1)

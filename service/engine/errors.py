@@ -22,6 +22,7 @@ CLOSE_CODES: dict[int, str] = {
     4401: "missing or wrong API key",
     4404: "unknown model, version or session, or the session expired or was deleted",
     4409: "the session was taken over by a newer connection",
+    4429: "this API key holds the most sessions one key may (--max-sessions-per-key)",
     4503: "service not ready or max sessions reached",
 }
 
@@ -211,6 +212,19 @@ class NonFiniteOutput(InvalidInput):
         super().__init__(
             f"model {model!r} version {version} produced NaN or infinity from these inputs and "
             "state (values too large for the model); the state is unchanged"
+        )
+
+
+class SessionQuotaReached(ServiceError):
+    """One API key holds as many sessions as it may; the other keys are not affected."""
+
+    status_code = 429
+    retry_after_s = 1
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this API key holds {limit} open sessions, the most one key may "
+            "(--max-sessions-per-key); close sessions or let idle ones expire"
         )
 
 

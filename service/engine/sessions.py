@@ -17,6 +17,7 @@ from service.engine.errors import (
     SessionLimitReached,
     SessionModelUnloaded,
     SessionNotFound,
+    SessionQuotaReached,
     SessionStateConflict,
 )
 from service.engine.models import ServedModel
@@ -120,8 +121,12 @@ class SessionManager:
     full, the least recently used ones are evicted instead of ended, and come back on next use.
     """
 
-    def __init__(self, max_sessions: int, idle_ttl_s: float, durable: bool = False) -> None:
+    def __init__(
+        self, max_sessions: int, idle_ttl_s: float, durable: bool = False, max_per_key: int = 0
+    ) -> None:
         self.max_sessions = max_sessions
+        self.max_per_key = max_per_key
+        self._per_key: Counter[str] = Counter()  # sessions in memory per API key
         self.idle_ttl_s = idle_ttl_s
         self.durable = durable
         self.evictions: Counter[str] = Counter()  # ended or evicted sessions, by reason
@@ -140,11 +145,31 @@ class SessionManager:
 
     def adopt(self, model: ServedModel, session_id: str, owner: str | None) -> Session:
         """Add a session with a zeroed slot (a new one, or one about to be loaded from a store)."""
+        self._make_room_for(owner)
         self._make_room()
         slot = model.pool.acquire()
         session = Session(id=session_id, model=model, slot=slot, owner=owner)
         self._sessions[session.id] = session
+        if owner is not None:
+            self._per_key[owner] += 1
         return session
+
+    def _make_room_for(self, owner: str | None) -> None:
+        """Keep each API key within ``max_per_key`` sessions (0: no limit; no key: no limit).
+
+        With a durable store the key's least recently used idle session leaves memory first.
+        """
+        if owner is None or not self.max_per_key or self._per_key[owner] < self.max_per_key:
+            return
+        self.expire_idle()
+        if self.durable:
+            for session in list(self._sessions.values()):  # least recently used first
+                if self._per_key[owner] < self.max_per_key:
+                    return
+                if session.owner == owner and _evictable(session):
+                    self._end(session, SessionState.EVICTED, "capacity")
+        if self._per_key[owner] >= self.max_per_key:
+            raise SessionQuotaReached(self.max_per_key)
 
     def lookup(self, session_id: str) -> Session | None:
         """The cached live session ``session_id`` whoever owns it, None if not here (durable)."""
@@ -171,7 +196,7 @@ class SessionManager:
             for session in list(self._sessions.values()):  # least recently used first
                 if len(self._sessions) < self.max_sessions:
                     break
-                if session.state is SessionState.OPEN and not session.lock.locked():
+                if _evictable(session):
                     self._end(session, SessionState.EVICTED, "capacity")
         if len(self._sessions) >= self.max_sessions:
             raise SessionLimitReached(self.max_sessions)
@@ -249,7 +274,12 @@ class SessionManager:
                 self._expired.popitem(last=False)
 
     def _ended(self, session: Session) -> None:
-        """Tell ``on_end`` that a session left this process (without a durable store, for good)."""
+        """Count a session out of its key's quota; tell ``on_end`` that it left this process
+        (without a durable store, for good)."""
+        if session.owner is not None:
+            self._per_key[session.owner] -= 1
+            if not self._per_key[session.owner]:
+                del self._per_key[session.owner]
         if not self.durable:
             for listener in self.on_end:
                 listener(session.id)
@@ -298,3 +328,8 @@ class SessionManager:
             await asyncio.sleep(interval)
             if count := self.expire_idle():
                 logger.info("expired %d idle sessions", count)
+
+
+def _evictable(session: Session) -> bool:
+    """Whether a durable store's session may leave memory now: idle, and no step waiting."""
+    return session.state is SessionState.OPEN and not session.lock.locked()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -119,3 +119,20 @@ def test_a_session_is_visible_only_to_its_key(keyed: TestClient, tiny: TinyGRU) 
     own = keyed.post(f"/v1/sessions/{sid}/steps", json={"inputs": STEPS}, headers=auth("alpha-key"))
     assert own.json()["step_count"] == 4  # the other key's attempts changed nothing
     np.testing.assert_allclose(own.json()["outputs"], tiny.run(STEPS + STEPS)[0][2:], atol=1e-5)
+
+
+def test_one_key_cannot_take_every_session(make_client: Callable[..., Any]) -> None:
+    client = make_client(api_keys=["alice", "bob"], max_sessions=10, max_sessions_per_key=3)
+    alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
+    made = [client.post("/v1/sessions", json={"model": "tiny"}, headers=alice) for _ in range(3)]
+    assert [r.status_code for r in made] == [201, 201, 201]
+    refused = client.post("/v1/sessions", json={"model": "tiny"}, headers=alice)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert "holds 3 open sessions, the most one key may" in refused.json()["error"]
+    assert client.post("/v1/sessions", json={"model": "tiny"}, headers=bob).status_code == 201
+    first = made[0].json()["session_id"]
+    assert client.delete(f"/v1/sessions/{first}", headers=alice).status_code == 204
+    assert client.post("/v1/sessions", json={"model": "tiny"}, headers=alice).status_code == 201
+    with client.websocket_connect("/v1/stream?model=tiny&token=alice") as ws:
+        closed = ws.receive()
+    assert closed["code"] == 4429
