@@ -7,10 +7,13 @@ import gc
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
+from service.api.ws_protocol import BoundedWebSocketProtocol
 from service.app import create_app
 from service.settings import Settings, describe_settings
 
@@ -69,17 +72,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     app = create_app(settings)
     tune_gc()
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        ws_max_size=settings.max_request_bytes,
-        ws_ping_interval=settings.ws_ping_interval_s,
-        ws_ping_timeout=settings.ws_ping_interval_s,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    uvicorn.Server(server_config(app, settings)).run()
+
+
+def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's configuration for the app: limits, keepalive, the bounded websocket protocol."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        "ws": BoundedWebSocketProtocol,
+        "ws_max_size": settings.max_request_bytes,
+        "ws_ping_interval": settings.ws_ping_interval_s,
+        "ws_ping_timeout": settings.ws_ping_interval_s,
+        "ws_per_message_deflate": settings.ws_compression,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
 
 
 if __name__ == "__main__":

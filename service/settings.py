@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     state_pool: Literal["auto", "host", "device"] = "auto"
     """Where session states live: ``host`` (numpy), ``device`` (OrtValues on the model's device,
     stepped through IOBinding) or ``auto`` (device when the model runs on CUDA, else host)."""
+    ws_compression: bool = False
+    """Offer permessage-deflate to websocket clients that ask for it. Off by default: steps are
+    a few dozen bytes, compression saves little on them and costs CPU and about 64 KiB of
+    memory per connection."""
     ws_ping_interval_s: float = Field(default=20.0, gt=0)
     """Seconds between websocket keepalive pings (a peer that stops answering is dropped)."""
     session_store: StoreKind = "memory"

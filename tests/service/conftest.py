@@ -27,6 +27,7 @@ from fastapi import FastAPI
 from loopback import free_port
 from onnx import TensorProto, helper, numpy_helper
 
+from service.__main__ import server_config
 from service.app import create_app
 from service.settings import Settings
 
@@ -283,15 +284,7 @@ class LiveServer:
 
     def __init__(self, app: FastAPI, settings: Settings) -> None:
         self.port = free_port()
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            ws_max_size=settings.max_request_bytes,
-            ws_ping_interval=settings.ws_ping_interval_s,
-            ws_ping_timeout=settings.ws_ping_interval_s,
-        )
+        config = server_config(app, settings, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

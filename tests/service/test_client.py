@@ -9,13 +9,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -24,6 +21,7 @@ import pytest
 import torch
 from frame_cutter import FrameCutter
 from loopback import HOST, free_port
+from processes import running_server
 
 from service.client import ClientError, RetryPolicy, StreamClient, StreamTarget, stream_columns
 from service.client.__main__ import main
@@ -61,46 +59,10 @@ def exported_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@contextmanager
-def running_server(models_dir: Path, **settings: str) -> Iterator[str]:
-    """A real service process with ``RNNSERVE_*`` settings; yields its base URL (http://...)."""
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--host", HOST, "--port", str(port)]
-    env = os.environ | {
-        "RNNSERVE_MODELS_DIR": str(models_dir),
-        "RNNSERVE_PROVIDERS": "CPUExecutionProvider",
-        "RNNSERVE_LOG_LEVEL": "warning",
-    }
-    env |= {f"RNNSERVE_{name.upper()}": value for name, value in settings.items()}
-    log = models_dir.parent / f"server-{port}.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stderr=sink)
-    url = f"http://{HOST}:{port}"
-    try:
-        _wait_ready(process, url, log)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def service_url(exported_models: Path) -> Iterator[str]:
     with running_server(exported_models) as url:
         yield url
-
-
-def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"the server exited during startup:\n{log.read_text()}"
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server was not ready within 60 s")
 
 
 @pytest.fixture(scope="module")
