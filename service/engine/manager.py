@@ -294,7 +294,12 @@ class ModelManager:
         self._loading.add(key)
         try:
             runtime = await loop.run_in_executor(self._executor, _runtime, spec, self.settings)
+            await loop.run_in_executor(self._executor, runtime.probe)
             pool = await loop.run_in_executor(self._executor, _pool, runtime, self.settings)
+        except ModelLoadError as exc:
+            self._loading.discard(key)
+            logger.error("refusing model %s: %s", spec.onnx_path, exc)
+            return str(exc)
         except Exception as exc:  # ONNX Runtime raises several types for a graph it cannot load
             self._loading.discard(key)
             logger.error("skipping model %s: ONNX Runtime cannot load it: %s", spec.onnx_path, exc)

@@ -119,17 +119,25 @@ def _read_metadata(path: Path) -> ModelMetadata:
         raise ModelLoadError(f"{path.name} is invalid: {problems}") from None
 
 
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """The sha256 of a file, read a block at a time (a model file may be gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _check_onnx(path: Path, metadata: ModelMetadata) -> None:
     if not path.is_file():
         raise ModelLoadError(f"{path.name} is missing")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = file_sha256(path)
     if digest != metadata.sha256:
         raise ModelLoadError(
             f"sha256 of {path.name} is {digest}, metadata.json records {metadata.sha256}"
         )
     try:
-        model = onnx.load_from_string(data)
+        model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as exc:  # onnx raises several types for a broken file
         raise ModelLoadError(f"{path.name} fails the ONNX checker: {exc}") from None

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from service.engine.registry import ModelSpec
+from service.engine.registry import ModelLoadError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -188,14 +188,52 @@ class ModelRuntime:
         """The execution provider that runs this model's nodes first (the one in use)."""
         return self.providers[0]
 
-    def run(self, x: FloatArray, lengths: IntArray, states: FloatArray) -> RunOutput:
+    def probe(self) -> None:
+        """Run the model once (2 rows of 2 and 1 steps from zero states) and check what comes
+        out against metadata.json; raise ``ModelLoadError`` naming the first difference.
+
+        The registry checks the graph's declared shapes, but a graph may leave sizes symbolic:
+        only running it shows, say, a hidden size other than the one the metadata claims, which
+        would otherwise fail every request (and size the state pool wrongly).
+        """
+        meta = self.metadata
+        x = np.full((2, 2, meta.input_size), 0.5, np.float32)  # (B, T, n)
+        state = (meta.num_states, meta.num_layers, 2, meta.hidden_size)
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4  # the failure is reported by us, as the refusal's reason
+        try:
+            out = self.run(x, np.array([2, 1], np.int64), np.zeros(state, np.float32), quiet)
+        except Exception as exc:  # ONNX Runtime raises several types for a graph that fails
+            raise ModelLoadError(f"the model fails a probe run (batch 2, 2 steps): {exc}") from None
+        _expect(out.y.shape, (2, 2, meta.output_size), "y", "[batch, time, output_size]")
+        _expect(out.states.shape, state, "the state outputs", "[states, layers, batch, hidden]")
+        if not (np.isfinite(out.y).all() and np.isfinite(out.states).all()):
+            raise ModelLoadError("the model's probe run (zero states, inputs 0.5) is not finite")
+        if np.any(out.y[1, 1] != 0):
+            raise ModelLoadError("y is not 0 past a row's length, as the model format requires")
+
+    def run(
+        self,
+        x: FloatArray,
+        lengths: IntArray,
+        states: FloatArray,
+        options: ort.RunOptions | None = None,
+    ) -> RunOutput:
         """Run ``x`` (B, T, n) from ``states`` (S, L, B, m) for ``lengths`` (B,) valid steps."""
         meta = self.metadata
         feeds: dict[str, npt.NDArray[np.generic]] = {"x": x, "lengths": lengths}
         for k, name in enumerate(meta.state_inputs):
             feeds[name] = states[k]  # (L, B, m)
         names = ["y", *meta.state_outputs]
-        y, *new_states = self._session.run(names, feeds)
+        y, *new_states = self._session.run(names, feeds, options)
         # One state tensor (GRU, MGU) needs no copy to gain its leading axis.
         stacked = new_states[0][None] if len(new_states) == 1 else np.stack(new_states)
         return RunOutput(y=y, states=stacked)  # (S, L, B, m)
+
+
+def _expect(found: tuple[int, ...], wanted: tuple[int, ...], what: str, axes: str) -> None:
+    if tuple(found) != wanted:
+        raise ModelLoadError(
+            f"the probe run's {what} have shape {list(found)}, metadata.json implies "
+            f"{list(wanted)} ({axes})"
+        )

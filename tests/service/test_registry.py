@@ -9,9 +9,16 @@ from typing import TYPE_CHECKING
 
 import onnx
 import pytest
-from model_files import break_sha, edit_metadata, garbage_onnx
+from model_files import (
+    break_sha,
+    edit_metadata,
+    garbage_onnx,
+    symbolic_hidden_size,
+    symbolic_output_size,
+)
 
-from service.engine.registry import read_model_dir, scan_models_dir
+from service.engine.registry import ModelLoadError, read_model_dir, scan_models_dir
+from service.engine.runtime import ModelRuntime
 
 if TYPE_CHECKING:
     from conftest import TestClient, TinyGRU
@@ -122,3 +129,35 @@ def test_not_ready_without_any_loadable_model(
 
 def test_graph_checker_sees_onnx_file(models_dir: Path) -> None:
     onnx.checker.check_model(str(models_dir / "tiny" / "1" / "model.onnx"))
+
+
+def test_a_model_whose_outputs_do_not_match_its_metadata_is_refused_at_load(
+    tmp_path: Path,
+    make_client: Callable[..., TestClient],
+    new_model: Callable[..., TinyGRU],
+    add_model: Callable[..., Path],
+) -> None:
+    model = new_model(hidden_size=4, num_layers=1, seed=0)
+    add_model(tmp_path, "tiny", 1, model)
+    symbolic_hidden_size(add_model(tmp_path, "tiny", 2, model), claimed=16)
+    assert read_model_dir(tmp_path / "tiny" / "2").metadata.hidden_size == 16  # files look fine
+    client = make_client(models_dir=tmp_path)
+    assert [m["version"] for m in client.get("/v1/models").json()["models"]] == [1]
+    index = client.post("/v2/repository/index", json={}).json()
+    refused = next(entry for entry in index if entry["version"] == "2")
+    assert refused["state"] == "UNAVAILABLE"
+    # The native GRU op refuses the claimed state size outright; other graphs answer with a
+    # state of the true size, which the probe compares with the metadata.
+    assert "fails a probe run" in refused["reason"] and "initial_h" in refused["reason"]
+
+
+def test_the_probe_compares_output_shapes_with_the_metadata(
+    tmp_path: Path, new_model: Callable[..., TinyGRU], add_model: Callable[..., Path]
+) -> None:
+    folder = add_model(tmp_path, "tiny", 1, new_model(hidden_size=4, num_layers=1, seed=0))
+    symbolic_output_size(folder, claimed=3)
+    runtime = ModelRuntime(read_model_dir(folder), ["CPUExecutionProvider"])
+    with pytest.raises(
+        ModelLoadError, match=r"y have shape \[2, 2, 1\], metadata.json implies \[2, 2, 3\]"
+    ):
+        runtime.probe()
