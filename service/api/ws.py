@@ -34,8 +34,6 @@ from service.engine.errors import BadRequest, InvalidInput, ServiceError
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-FATAL_STATUSES = {401, 404, 409}  # the connection or its session is gone: close
-
 
 class _Closed(Exception):
     """The client asked to close the session (``{"close": true}``)."""
@@ -154,7 +152,7 @@ def _answerer(frames: _Frames, limit: int) -> Answer:
         except _Closed:
             return close_message(1000, "session closed")
         except ServiceError as exc:
-            if exc.status_code in FATAL_STATUSES:
+            if exc.ends_stream:
                 return close_message(exc.close_code, exc.message)
             reply = exc.body()
         return text_message(reply)

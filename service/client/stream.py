@@ -1,8 +1,9 @@
 """One session's stream over the ``/v1/stream`` websocket, resumed across dropped connections.
 
 The protocol: the server's first frame announces the session (``session_id``, ``model``,
-``version``, ``step_count``); every client frame ``{"inputs": [[...], ...]}`` gets exactly one reply
-``{"outputs": [[...], ...], "step_count": N}`` or ``{"error": "..."}``, in order.
+``version``, ``step_count``); every client frame ``{"inputs": [[...], ...],
+"expected_step_count": N}`` gets exactly one reply ``{"outputs": [[...], ...], "step_count":
+N + T}`` or ``{"error": "..."}``, in order; a frame applies only if the session is at step N.
 
 Resuming is exact. The client keeps every row the server has not acknowledged. After a reconnect
 the announced ``step_count`` says how many steps the session has applied: a chunk that was sent
@@ -251,7 +252,9 @@ class StreamClient:
                 yield StepResult(first + offset, row, output)
 
     async def _exchange(self, ws: StreamConnection, chunk: list[Row]) -> list[list[float]]:
-        await ws.send({"inputs": chunk})
+        # The session must be where this client left it: another writer makes the step fail
+        # instead of interleaving with ours.
+        await ws.send({"inputs": chunk, "expected_step_count": self._acked})
         reply = await ws.receive()
         last = self._acked + len(chunk) - 1
         if "error" in reply:

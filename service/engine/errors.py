@@ -32,6 +32,7 @@ class ServiceError(Exception):
 
     status_code: int = 500
     retry_after_s: int | None = None  # sent as Retry-After with 503s
+    ends_stream = False  # on a websocket: the connection or its session is gone, so close
 
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)
@@ -59,6 +60,7 @@ class BadRequest(ServiceError):
 
 
 class Unauthorized(ServiceError):
+    ends_stream = True
     status_code = 401
 
     def __init__(self, reason: str) -> None:
@@ -66,6 +68,7 @@ class Unauthorized(ServiceError):
 
 
 class NotFound(ServiceError):
+    ends_stream = True
     status_code = 404
 
 
@@ -140,6 +143,8 @@ class Conflict(ServiceError):
 
 
 class SessionStateConflict(Conflict):
+    ends_stream = True
+
     def __init__(self, session_id: str, expected: Iterable[Enum], found: Enum) -> None:
         wanted = " or ".join(state.value for state in expected)
         super().__init__(f"session {session_id!r} is {found.value}; expected {wanted}")
@@ -157,6 +162,8 @@ class StepCountMismatch(Conflict):
 
 
 class SessionHeld(Conflict):
+    ends_stream = True
+
     def __init__(self, session_id: str) -> None:
         super().__init__(
             f"session {session_id!r} is held by a mux stream (/v1/mux): step, reset or close it "
@@ -165,6 +172,8 @@ class SessionHeld(Conflict):
 
 
 class SessionTakenOver(Conflict):
+    ends_stream = True
+
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} was taken over by a newer connection")
 

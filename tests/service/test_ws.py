@@ -259,3 +259,17 @@ async def test_real_server_replies_in_text_frames(server: LiveServer) -> None:
         await ws.send(json.dumps({"inputs": STEPS_A}).encode())  # a binary frame is read too
         reply = await ws.recv()
     assert isinstance(reply, str) and json.loads(reply)["step_count"] == 3
+
+
+def test_a_frame_at_another_step_count_gets_an_error_frame_and_the_stream_goes_on(
+    client: TestClient,
+) -> None:
+    with client.websocket_connect("/v1/stream?model=tiny") as ws:
+        ws.receive_json()
+        ws.send_json({"inputs": [[1, 2]], "expected_step_count": 0})
+        assert ws.receive_json()["step_count"] == 1
+        ws.send_json({"inputs": [[1, 2]], "expected_step_count": 0})  # a resent frame
+        refused = ws.receive_json()
+        assert refused["step_count"] == 1 and "is at step 1, not 0" in refused["error"]
+        ws.send_json({"inputs": [[1, 2]], "expected_step_count": 1})
+        assert ws.receive_json()["step_count"] == 2
