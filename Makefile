@@ -44,12 +44,14 @@ lint: venv
 	$(BIN)/mypy service training
 	BIN=$(BIN) deploy/check.sh
 
-# The session-store tests need a real redis-server; deploy/check.sh needs docker-compose (v1 can
-# validate a compose file without an engine); the live page's tests drive Debian's chromium
-# through Playwright (never `playwright install`). All three come from Debian's packages.
+# The session-store tests need a real redis-server, and the replicas test a real nginx running
+# deploy/nginx.conf; deploy/check.sh needs docker-compose (v1 can validate a compose file without
+# an engine); the live page's tests drive Debian's chromium through Playwright (never
+# `playwright install`). All four come from Debian's packages.
 system-packages:
-	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose chromium >/dev/null)
+	@command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v chromium >/dev/null && \
+		test -x /usr/sbin/nginx || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server docker-compose chromium nginx >/dev/null)
 
 # The site goes to build/site; --strict fails on a broken link or anchor, a missing page or a
 # generator error (not with --quiet, which hides the warnings that --strict counts).
