@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.request
 from array import array
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -538,11 +538,14 @@ class Server:
 
 
 @contextmanager
-def start_server(command: list[str], env: dict[str, str], port: int) -> Iterator[Server]:
-    """Start a server subprocess, wait until /health/ready answers, stop it on exit."""
+def start_server(
+    command: list[str], env: dict[str, str], port: int, root: Path = ROOT
+) -> Iterator[Server]:
+    """Start a server subprocess in ``root`` (a checkout), wait until /health/ready answers, stop
+    it on exit."""
     with tempfile.NamedTemporaryFile(prefix="loadgen-server-", suffix=".log", delete=False) as log:
         process = subprocess.Popen(
-            command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, cwd=root
         )
     log_path = Path(log.name)
     server = Server(process, port, log_path)
@@ -822,15 +825,31 @@ def _number(value: float, width: int, decimals: int) -> str:
     return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{decimals}f}"
 
 
+def _median(rows: list[Row], key: tuple[str, str, int], value: Callable[[Row], float]) -> float:
+    """The median of ``value`` over the rows of one (target, mode, sessions), NaN if none."""
+    same = [value(r) for r in rows if (r.target, r.mode, r.sessions) == key]
+    return float(np.median(same)) if same else math.nan
+
+
 def ratios(rows: list[Row]) -> list[str]:
-    by_key = {(r.target, r.mode, r.sessions): r.steps_per_s for r in rows}
+    """Throughput against batching off and echo; server CPU per step against the baseline.
+
+    With several rounds, each ratio is taken between the medians of the rounds.
+    """
     lines = []
     for mode, sessions in sorted({(r.mode, r.sessions) for r in rows}):
-        on = by_key.get(("on", mode, sessions))
+        on = _median(rows, ("on", mode, sessions), lambda r: r.steps_per_s)
         for other, label in (("off", "batching on/off"), ("echo", "service/echo")):
-            value = by_key.get((other, mode, sessions))
-            if on and value:
+            value = _median(rows, (other, mode, sessions), lambda r: r.steps_per_s)
+            if on and not math.isnan(value):
                 lines.append(f"{label:<16} {mode:<5}{sessions:>6} sessions: {on / value:.2f}x")
+        base = _median(rows, ("base", mode, sessions), lambda r: r.server_us_per_step)
+        if not math.isnan(base):
+            now = _median(rows, ("on", mode, sessions), lambda r: r.server_us_per_step)
+            lines.append(
+                f"{'cpu/step on/base':<16} {mode:<5}{sessions:>6} sessions: {now:.1f} / "
+                f"{base:.1f} us = {now / base:.2f}x"
+            )
     return lines
 
 
@@ -868,7 +887,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mux-connections", type=int, default=1, help="mux mode: connections sharing the sessions"
     )
-    parser.add_argument("--targets", default="on,off,echo", help="on, off, echo or none")
+    parser.add_argument(
+        "--targets",
+        default="on,off,echo",
+        help="on, off, echo, base (the service of --baseline) or none",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/base REV`) served as target 'base'",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="run the targets this many times")
     parser.add_argument(
         "--port", type=int, help="measure a service already running on 127.0.0.1:PORT instead"
     )
@@ -898,8 +927,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.server_env = dict(item.split("=", 1) for item in args.server_env)
     if args.port and args.models_dir is None:
         parser.error("--port needs --models-dir: the reference runs on the served model files")
-    if set(args.modes) - set(MODES) or set(args.targets) - {"on", "off", "echo"}:
-        parser.error(f"--modes takes {','.join(MODES)}; --targets takes on,off,echo or none")
+    if set(args.modes) - set(MODES) or set(args.targets) - {"on", "off", "echo", "base"}:
+        parser.error(f"--modes takes {','.join(MODES)}; --targets takes on,off,echo,base or none")
+    if ("base" in args.targets) != (args.baseline is not None):
+        parser.error("target 'base' and --baseline go together")
     return args
 
 
@@ -930,14 +961,17 @@ def run_all(model: Model, args: argparse.Namespace) -> None:
         return
     max_sessions = len(args.modes) * sum(args.sessions) + args.memory + 1000
     rows = []
-    for target in args.targets:
+    for target in args.targets * args.rounds:  # rounds interleave the targets: A B A B
         port = free_port()
+        root = ROOT
         if target == "echo":
             command, env = [sys.executable, str(ECHO_SERVER), "--port", str(port)], {}
         else:
             command = service_command(model, port)
-            env = service_env(target == "on", args.gpu, max_sessions) | args.server_env
-        with start_server(command, env, port) as server:
+            env = service_env(target != "off", args.gpu, max_sessions) | args.server_env
+            if target == "base":  # the same service from another checkout, e.g. an older commit
+                root, env = args.baseline, env | {"PYTHONPATH": str(args.baseline)}
+        with start_server(command, env, port, root) as server:
             if target != "echo":
                 print(f"{target}: provider in use {provider_in_use(server)}", flush=True)
             if not rows:

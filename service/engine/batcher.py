@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -120,10 +120,7 @@ class Chunk:
     future: asyncio.Future[ChunkResult]
     on_success: Callable[[], None] | None
     enqueued_at: float = field(default=0.0)
-
-    @property
-    def rows(self) -> int:
-        return 1
+    rows: ClassVar[int] = 1  # batch rows it takes (an attribute: read on every step)
 
 
 @dataclass(eq=False)
@@ -138,10 +135,10 @@ class BulkChunk:
     future: asyncio.Future[BulkResult]
     on_success: Callable[[BoolArray], None] | None
     enqueued_at: float = field(default=0.0)
+    rows: int = field(init=False)  # batch rows it takes: one per session
 
-    @property
-    def rows(self) -> int:
-        return len(self.slots)
+    def __post_init__(self) -> None:
+        self.rows = len(self.slots)
 
 
 Request = Chunk | BulkChunk
@@ -286,10 +283,10 @@ class Batcher:
     def _take(self, request: Request, batch: _Batch) -> None:
         if request.future.done():
             return  # its caller gave up before it ran
-        if not batch.admits(request):
+        if batch.admits(request):
+            batch.add(request)
+        else:
             self._carry.append(request)  # no room, or its session is in the batch: next one
-            return
-        batch.add(request)
 
     async def _wait_to_fill(self, have: int) -> None:
         assert self._wakeup is not None
@@ -370,10 +367,12 @@ class Batcher:
         running its pieces one after the other: a thread hand-off costs tens of microseconds,
         more than a small piece's call.
         """
-        jobs = [pieces[i :: self._workers] for i in range(min(self._workers, len(pieces)))]
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
+            if len(pieces) == 1:  # the common case: one call, no gathering
+                return [await loop.run_in_executor(self._executor, call, pieces[0])]
+            jobs = [pieces[i :: self._workers] for i in range(min(self._workers, len(pieces)))]
             done = await asyncio.gather(
                 *(loop.run_in_executor(self._executor, _run_each, call, job) for job in jobs)
             )
@@ -414,28 +413,25 @@ class Batcher:
 
     def _resolve(self, batch: list[Request], out: BatchOutput, now: float) -> None:
         ys = np.ascontiguousarray(out.y)  # (B, T, o): each row's first steps are contiguous
+        oks, width, states = out.ok.tolist(), ys.shape[1], out.states
         row = steps_run = 0
-        for chunk in batch:
+        for chunk in batch:  # runs once per step: kept inline
             if isinstance(chunk, BulkChunk):
                 steps_run += self._resolve_bulk(chunk, ys, out, row)
+            elif not oks[row]:
+                meta = self.runtime.metadata
+                chunk.future.set_exception(NonFiniteOutput(meta.name, meta.version))
             else:
-                steps_run += self._resolve_chunk(chunk, ys, out, row)
+                if chunk.on_success is not None:
+                    chunk.on_success()
+                steps = len(chunk.x)
+                if not chunk.future.done():
+                    y = ys[row] if steps == width else ys[row, :steps]  # (T, o)
+                    chunk.future.set_result(ChunkResult(y=y, batch_states=states, row=row))
+                steps_run += steps
             row += chunk.rows
         self.stats.record_batch(row, failed=False, steps=steps_run)
         self.stats.step_latency.add_many([now - chunk.enqueued_at for chunk in batch])
-
-    def _resolve_chunk(self, chunk: Chunk, ys: FloatArray, out: BatchOutput, row: int) -> int:
-        if not out.ok[row]:
-            meta = self.runtime.metadata
-            chunk.future.set_exception(NonFiniteOutput(meta.name, meta.version))
-            return 0
-        if chunk.on_success is not None:
-            chunk.on_success()
-        if not chunk.future.done():
-            steps = len(chunk.x)
-            y = ys[row] if steps == ys.shape[1] else ys[row, :steps]  # (T, o)
-            chunk.future.set_result(ChunkResult(y=y, batch_states=out.states, row=row))
-        return len(chunk.x)
 
     def _resolve_bulk(self, chunk: BulkChunk, ys: FloatArray, out: BatchOutput, row: int) -> int:
         k, steps = (int(d) for d in chunk.x.shape[:2])
