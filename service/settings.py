@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     """Most chunks (from different sessions) in one ONNX Runtime call."""
     max_batch_delay_ms: float = Field(default=0.0, ge=0)
     """How long a batch waits to fill after its first chunk; 0 = run when the previous one ends."""
+    inline_call_us: float = Field(default=300.0, ge=0)
+    """Run a model call on the event loop's own thread while recent calls took less than this
+    many microseconds: a hand-off to a worker thread and back costs more CPU than a small
+    model's call. Longer calls run in worker threads, so requests are served meanwhile.
+    0 = every call in a worker thread."""
     max_queue_depth: int = Field(default=4096, ge=1)
     """Most chunks waiting per model version; more answer 503 with Retry-After."""
     intra_op_threads: int = Field(default=0, ge=0)

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R")
 BoolArray = npt.NDArray[np.bool_]
 NO_SLOT = -1  # the slot of a stateless row
+RECENT_WEIGHT = 0.1  # weight of the newest call in the moving average of call durations
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class Batcher:
         max_delay_s: float,
         max_queue_depth: int,
         workers: int = 1,
+        inline_below_s: float = 0.0,
     ) -> None:
         self.runtime = runtime
         self.pool = pool
@@ -178,6 +180,8 @@ class Batcher:
         self._max_delay_s = max_delay_s
         self._max_queue_depth = max_queue_depth
         self._workers = max(1, workers)
+        self._inline_below_s = inline_below_s  # calls shorter than this run on the event loop
+        self._recent_call_s = 0.0  # moving average of a call's duration
         self._carry: list[Request] = []  # requests pulled but left for the next batch, in order
         self._running: list[Request] = []
         self._queue: deque[Request] = deque()
@@ -363,21 +367,27 @@ class Batcher:
     async def _run_pieces(self, call: Callable[[slice], R], pieces: list[slice]) -> list[R]:
         """``call`` on each piece of rows, in order of the pieces.
 
-        The pieces run in the executor as at most ``workers`` jobs (one per core), each job
-        running its pieces one after the other: a thread hand-off costs tens of microseconds,
-        more than a small piece's call.
+        A single call that recent calls say is short runs right here, on the event loop's
+        thread: handing it to a worker thread and back costs tens of microseconds of CPU, more
+        than the call itself for a small model. Longer calls, and several pieces, run in the
+        executor as at most ``workers`` jobs (one per core), each job running its pieces one
+        after the other, so the event loop serves requests meanwhile.
         """
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            if len(pieces) == 1:  # the common case: one call, no gathering
+            if len(pieces) == 1:
+                if self._recent_call_s < self._inline_below_s:
+                    return [call(pieces[0])]
                 return [await loop.run_in_executor(self._executor, call, pieces[0])]
             jobs = [pieces[i :: self._workers] for i in range(min(self._workers, len(pieces)))]
             done = await asyncio.gather(
                 *(loop.run_in_executor(self._executor, _run_each, call, job) for job in jobs)
             )
         finally:
-            self.stats.batch_run.add(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.stats.batch_run.add(seconds)
+            self._recent_call_s += RECENT_WEIGHT * (seconds / len(pieces) - self._recent_call_s)
         return [done[i % len(jobs)][i // len(jobs)] for i in range(len(pieces))]  # job i: i::w
 
     def _assemble(self, batch: list[Request]) -> Assembled:

@@ -435,5 +435,6 @@ def _serve(
         max_delay_s=settings.max_batch_delay_s,
         max_queue_depth=settings.max_queue_depth,
         workers=os.cpu_count() or 1,  # a mux frame larger than a call runs on every core
+        inline_below_s=settings.inline_call_us / 1e6,
     )
     return ServedModel(metadata=runtime.metadata, batcher=batcher)

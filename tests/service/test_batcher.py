@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +25,15 @@ POISON = 999.0  # FailingRuntime fails any call whose inputs contain this value
 
 
 class FailingRuntime(ModelRuntime):
-    def run(self, x: FloatArray, lengths: np.ndarray, states: FloatArray) -> RunOutput:
+    """Fails calls with ``POISON`` in their inputs; records the thread of every call, and
+    sleeps ``delay_s`` in each."""
+
+    threads: list[str]
+    delay_s = 0.0
+
+    def run(self, x: FloatArray, lengths: np.ndarray, states: FloatArray, *_: object) -> RunOutput:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.delay_s)
         if (x == POISON).any():
             raise RuntimeError("poisoned input")
         return super().run(x, lengths, states)
@@ -34,14 +44,18 @@ BatcherFactory = Callable[..., Batcher]
 
 @pytest.fixture
 async def make_batcher(models_dir: Path) -> AsyncIterator[BatcherFactory]:
-    executor = ThreadPoolExecutor(max_workers=2)
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="worker")
     batchers: list[Batcher] = []
     spec = read_model_dir(models_dir / "tiny" / "2")
 
     def build(
-        max_batch_size: int = 64, max_delay_s: float = 0.0, max_queue_depth: int = 1000
+        max_batch_size: int = 64,
+        max_delay_s: float = 0.0,
+        max_queue_depth: int = 1000,
+        inline_below_s: float = 0.0,
     ) -> Batcher:
         runtime = FailingRuntime(spec, ["CPUExecutionProvider"])
+        runtime.threads = []
         meta = spec.metadata
         pool = StatePool(meta.num_states, meta.num_layers, meta.hidden_size, max_slots=1000)
         batcher = Batcher(
@@ -51,6 +65,7 @@ async def make_batcher(models_dir: Path) -> AsyncIterator[BatcherFactory]:
             max_batch_size=max_batch_size,
             max_delay_s=max_delay_s,
             max_queue_depth=max_queue_depth,
+            inline_below_s=inline_below_s,
         )
         batcher.start()
         batchers.append(batcher)
@@ -208,3 +223,33 @@ async def test_a_cancelled_stateless_chunk_is_left_out(make_batcher: BatcherFact
 
 async def _await(future: asyncio.Future[ChunkResult]) -> ChunkResult:
     return await future
+
+
+async def test_short_calls_run_on_the_event_loop_and_long_ones_in_a_worker(
+    make_batcher: BatcherFactory,
+) -> None:
+    batcher = make_batcher(inline_below_s=0.001)
+    runtime = batcher.runtime
+    assert isinstance(runtime, FailingRuntime)
+    pool = batcher.pool
+    slot = pool.acquire()
+    x = np.ones((1, FEATURES), np.float32)
+    await batcher.submit(x, slot=slot)
+    assert runtime.threads == [threading.current_thread().name]  # quick: right here
+    runtime.delay_s = 0.01  # calls now take 10 ms, ten times the limit
+    for _ in range(20):
+        await batcher.submit(x, slot=slot)
+    assert runtime.threads[-1].startswith("worker")  # the loop serves requests meanwhile
+    assert runtime.threads.count(threading.current_thread().name) < 10
+
+
+async def test_with_no_inline_limit_every_call_runs_in_a_worker(
+    make_batcher: BatcherFactory,
+) -> None:
+    batcher = make_batcher(inline_below_s=0.0)
+    runtime = batcher.runtime
+    assert isinstance(runtime, FailingRuntime)
+    slot = batcher.pool.acquire()
+    for _ in range(3):
+        await batcher.submit(np.ones((1, FEATURES), np.float32), slot=slot)
+    assert all(name.startswith("worker") for name in runtime.threads)
