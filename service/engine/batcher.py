@@ -373,22 +373,35 @@ class Batcher:
         executor as at most ``workers`` jobs (one per core), each job running its pieces one
         after the other, so the event loop serves requests meanwhile.
         """
-        loop = asyncio.get_running_loop()
+        timed = self._timed(call)
         started = time.perf_counter()
         try:
+            if len(pieces) == 1 and self._recent_call_s < self._inline_below_s:
+                return [timed(pieces[0])]
+            loop = asyncio.get_running_loop()
             if len(pieces) == 1:
-                if self._recent_call_s < self._inline_below_s:
-                    return [call(pieces[0])]
-                return [await loop.run_in_executor(self._executor, call, pieces[0])]
+                return [await loop.run_in_executor(self._executor, timed, pieces[0])]
             jobs = [pieces[i :: self._workers] for i in range(min(self._workers, len(pieces)))]
             done = await asyncio.gather(
-                *(loop.run_in_executor(self._executor, _run_each, call, job) for job in jobs)
+                *(loop.run_in_executor(self._executor, _run_each, timed, job) for job in jobs)
             )
         finally:
-            seconds = time.perf_counter() - started
-            self.stats.batch_run.add(seconds)
-            self._recent_call_s += RECENT_WEIGHT * (seconds / len(pieces) - self._recent_call_s)
+            self.stats.batch_run.add(time.perf_counter() - started)
         return [done[i % len(jobs)][i // len(jobs)] for i in range(len(pieces))]  # job i: i::w
+
+    def _timed(self, call: Callable[[slice], R]) -> Callable[[slice], R]:
+        """``call``, keeping a moving average of how long one call takes (the call alone, not
+        the wait for a worker thread, so that the choice of where to run stays fair)."""
+
+        def timed(piece: slice) -> R:
+            started = time.perf_counter()
+            try:
+                return call(piece)
+            finally:
+                seconds = time.perf_counter() - started
+                self._recent_call_s += RECENT_WEIGHT * (seconds - self._recent_call_s)
+
+        return timed
 
     def _assemble(self, batch: list[Request]) -> Assembled:
         """Pad the rows into x (R, T, n), and say where each piece's states come from."""

@@ -129,7 +129,7 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        return self._repository is not None and any(True for _ in self._repository)
+        return self._repository is not None and bool(self._repository)
 
     @property
     def repository(self) -> ModelRepository:

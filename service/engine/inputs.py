@@ -55,11 +55,10 @@ def checked_array(raw: npt.NDArray[Any], where: str, n: int, max_steps: int) -> 
         )
     if len(raw) > max_steps:
         raise ChunkTooLarge(f"'{where}'", len(raw), max_steps)
-    bad = np.argwhere(~np.isfinite(raw))
-    if bad.size:
-        t, j = bad[0]
-        raise BadRequest(_not_finite(where, t, j, repr(float(raw[t, j]))))
-    return raw
+    if np.isfinite(raw).all():  # the common case: one pass, no index arrays
+        return raw
+    t, j = np.argwhere(~np.isfinite(raw))[0]
+    raise BadRequest(_not_finite(where, t, j, repr(float(raw[t, j]))))
 
 
 def _short(value: Any) -> str:

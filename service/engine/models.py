@@ -52,6 +52,10 @@ class ModelRepository:
         for model in models:
             self._models.setdefault(model.name, {})[model.version] = model
 
+    def __bool__(self) -> bool:
+        """Whether any model version serves."""
+        return bool(self._models)
+
     def __iter__(self) -> Iterator[ServedModel]:
         for name in sorted(self._models):
             yield from (self._models[name][v] for v in sorted(self._models[name]))

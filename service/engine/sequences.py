@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Protocol
 
 from service.engine.sessions import SessionManager
@@ -97,7 +95,8 @@ class StoredSequences:
 
 class SequenceLocks:
     """One lock per sequence key, held while a request of that sequence runs; a lock lives only
-    while a request holds or waits for it."""
+    while a request holds or waits for it. ``async with locks.hold(key):`` (a plain context
+    manager object: it runs on every request of a sequence)."""
 
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -105,16 +104,33 @@ class SequenceLocks:
     def __len__(self) -> int:
         return len(self._locks)
 
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
+    def hold(self, key: str) -> _Held:
+        return _Held(self._locks, key)
+
+
+class _Held:
+    """Holding the lock of one sequence key, counted so the lock goes with its last user."""
+
+    def __init__(self, locks: dict[str, tuple[asyncio.Lock, int]], key: str) -> None:
+        self._locks, self._key = locks, key
+
+    async def __aenter__(self) -> None:
+        lock, users = self._locks.get(self._key) or (asyncio.Lock(), 0)
+        self._locks[self._key] = (lock, users + 1)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await lock.acquire()
+        except BaseException:
+            self._leave(release=False)
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._leave(release=True)
+
+    def _leave(self, release: bool) -> None:
+        lock, users = self._locks[self._key]
+        if release:
+            lock.release()
+        if users == 1:
+            del self._locks[self._key]
+        else:
+            self._locks[self._key] = (lock, users - 1)

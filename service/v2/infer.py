@@ -8,8 +8,6 @@ unavailable 503.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,15 +29,6 @@ class InferResult:
     outputs: list[tuple[str, np.ndarray[Any, Any]]]
 
 
-@asynccontextmanager
-async def triton_statuses() -> AsyncIterator[None]:
-    """Report the native API's 413 and 422 as Triton's 400 (invalid argument)."""
-    try:
-        yield
-    except (InvalidInput, PayloadTooLarge) as exc:
-        raise BadRequest(exc.message) from None
-
-
 async def run_infer(
     dataplane: DataPlane,
     sequences: SequenceTable,
@@ -51,15 +40,17 @@ async def run_infer(
     """Run one decoded V2 request: stateless, or one step of a sequence when it has an id."""
     model = dataplane.model(name, version)
     flags = SequenceFlags.from_parameters(request.parameters)
-    async with triton_statuses():
+    try:
         tensors = _inputs(request, model, sequence=flags.id is not None)
         wanted = _wanted_outputs(request, model)
         if flags.id is None:
             parameters, outputs = await _stateless(dataplane, model, tensors)
         else:
             parameters, outputs = await _sequence(
-                dataplane, sequences, model, tensors, flags, caller, version
+                dataplane, sequences, model, tensors, flags, caller, version, wanted
             )
+    except (InvalidInput, PayloadTooLarge) as exc:  # Triton says "invalid argument": 400
+        raise BadRequest(exc.message, **exc.details) from None
     return InferResult(model, parameters, [(n, outputs[n]) for n in wanted])
 
 
@@ -169,12 +160,15 @@ async def _sequence(
     flags: SequenceFlags,
     caller: str | None,
     version: int | None,
+    wanted: list[str],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
     session_id, result = await table.step(
         dataplane, flags, caller, model.name, version, tensors["x"].data[0]
     )
-    y = result.outputs[None]  # (1, T, o)
-    states = result.state[:, :, None]  # (S, L, 1, m)
+    outputs: dict[str, np.ndarray[Any, Any]] = {"y": result.outputs[None]}  # (1, T, o)
+    if len(wanted) > 1 or wanted[0] != "y":  # the state is copied out of the batch only if asked
+        states = result.state[:, :, None]  # (S, L, 1, m)
+        outputs.update(zip(model.metadata.state_outputs, states, strict=True))
     parameters = {
         "sequence_id": flags.id,
         "sequence_start": flags.start,
@@ -182,4 +176,4 @@ async def _sequence(
         "session_id": session_id,
         "step_count": result.step_count,
     }
-    return parameters, {"y": y, **dict(zip(model.metadata.state_outputs, states, strict=True))}
+    return parameters, outputs

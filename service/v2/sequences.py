@@ -80,11 +80,13 @@ class _Sequence:
     owner: str | None
     model: str
     id: SequenceId
+    key: str = ""
 
-    @property
-    def key(self) -> str:
-        kind = "i" if isinstance(self.id, int) else "s"
-        return f"{owner_hash(self.owner)}:{self.model}:{kind}:{self.id}"
+    @classmethod
+    def of(cls, owner: str | None, model: str, sequence_id: SequenceId) -> _Sequence:
+        kind = "i" if isinstance(sequence_id, int) else "s"
+        key = f"{owner_hash(owner)}:{model}:{kind}:{sequence_id}"
+        return cls(owner, model, sequence_id, key)
 
 
 class SequenceTable:
@@ -109,7 +111,7 @@ class SequenceTable:
         the new session first and drops the old one only once the new one has stepped.
         """
         assert flags.id is not None
-        sequence = _Sequence(owner, model, flags.id)
+        sequence = _Sequence.of(owner, model, flags.id)
         async with self._locks.hold(sequence.key):
             if flags.start:
                 session_id, output = await self._start(dataplane, sequence, version, inputs, flags)
