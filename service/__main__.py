@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from service.api.ws_protocol import BoundedWebSocketProtocol
+from service.api.ws_protocol import ServiceWebSocketProtocol
 from service.app import create_app
 from service.settings import Settings, describe_settings
 
@@ -82,7 +82,7 @@ def server_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": settings.access_log,
-        "ws": BoundedWebSocketProtocol,
+        "ws": ServiceWebSocketProtocol,
         "ws_max_size": settings.max_request_bytes,
         "ws_ping_interval": settings.ws_ping_interval_s,
         "ws_ping_timeout": settings.ws_ping_interval_s,

@@ -50,6 +50,7 @@ class ServiceApp(FastAPI):
         if handler is None:
             await super().__call__(scope, receive, send)
         else:
+            scope["app"] = self  # as Starlette sets it: endpoints read the app's state
             await handler(scope, receive, send)
 
 
@@ -102,7 +103,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     if settings.fast_paths:
-        app.hot = HotPaths(app.state)
+        app.hot = HotPaths(app.state, {"/v1/stream": ws.STREAM, "/v1/mux": mux_endpoint.MUX})
     app.state.metrics = Metrics()
     app.state.metrics.watch(lambda: getattr(app.state, "dataplane", None))
     app.add_middleware(

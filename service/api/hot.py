@@ -39,10 +39,15 @@ class HotPaths:
     """Matches the per-step requests and serves them; ``None`` from ``handler`` means "route
     it through FastAPI"."""
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, websockets: dict[str, Handler]) -> None:
         self._state = state  # the app's state: settings now, the data plane once started
+        self._websockets = websockets  # path -> endpoint
 
     def handler(self, scope: Scope) -> Handler | None:
+        if scope["type"] == "websocket":
+            # The streams too: their frame loops then resume through a few coroutine frames
+            # per frame instead of the dozen of FastAPI's middleware and routing.
+            return self._websockets.get(scope["path"])
         if scope["type"] != "http" or scope["method"] != "POST":
             return None
         path: str = scope["path"]

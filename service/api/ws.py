@@ -69,7 +69,8 @@ class StreamEndpoint:
             dataplane.detach(info.session_id, attachment)
 
 
-router.routes.append(WebSocketRoute("/v1/stream", StreamEndpoint(), name="stream"))
+STREAM = StreamEndpoint()
+router.routes.append(WebSocketRoute("/v1/stream", STREAM, name="stream"))
 
 
 async def _open(dataplane: DataPlane, params: Any, owner: str | None) -> tuple[SessionInfo, int]:

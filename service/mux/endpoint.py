@@ -63,8 +63,11 @@ class MuxEndpoint:
             group.release_all()
 
 
+MUX = MuxEndpoint()
+
+
 def route() -> WebSocketRoute:
-    return WebSocketRoute("/v1/mux", MuxEndpoint(), name="mux")
+    return WebSocketRoute("/v1/mux", MUX, name="mux")
 
 
 def _hello(max_entries: int, max_steps: int) -> dict[str, Any]:

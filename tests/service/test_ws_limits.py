@@ -1,4 +1,6 @@
-"""Websocket abuse against a real server process: ping floods, deep nesting."""
+"""The websocket protocol against a real server process, byte by byte: ping floods, deep
+nesting, and frames the fast path leaves to the general one (fragments, several frames in one
+read, invalid UTF-8, long frames)."""
 
 from __future__ import annotations
 
@@ -92,3 +94,67 @@ async def test_a_deeply_nested_frame_gets_an_error_frame(
         assert "error" in reply, reply
         await ws.send(json.dumps({"inputs": [[0.5]]}))  # the connection goes on
         assert json.loads(await ws.recv())["step_count"] == 1
+
+
+def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A masked client frame."""
+    mask = os.urandom(4)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """One unmasked server frame: (opcode, payload)."""
+
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            assert chunk, "the server closed the connection"
+            data += chunk
+        return data
+
+    first, second = exactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(exactly(2), "big")
+    elif length == 127:
+        length = int.from_bytes(exactly(8), "big")
+    return first & 0x0F, exactly(length)
+
+
+def _stream(server: tuple[str, int]) -> socket.socket:
+    sock = _handshake(int(server[0].rsplit(":", 1)[1]), _PATH)
+    opcode, hello = _read_frame(sock)
+    assert opcode == 1 and json.loads(hello)["step_count"] == 0
+    return sock
+
+
+_PATH = "/v1/stream?model=co2-forecaster&token=good-key"
+
+
+def _step(value: float, count: int) -> bytes:
+    return json.dumps({"inputs": [[value]], "expected_step_count": count}).encode()
+
+
+def test_frames_left_to_the_general_path_are_answered_alike(server: tuple[str, int]) -> None:
+    sock = _stream(server)
+    try:
+        body = _step(0.5, 0)
+        sock.sendall(_frame(1, body[:7], fin=False) + _frame(0, body[7:]))  # fragmented
+        assert json.loads(_read_frame(sock)[1])["step_count"] == 1
+        sock.sendall(_frame(1, _step(0.5, 1)) + _frame(1, _step(0.5, 2)))  # two in one read
+        assert [json.loads(_read_frame(sock)[1])["step_count"] for _ in range(2)] == [2, 3]
+        padded = _step(0.5, 3).replace(b"{", b"{" + b" " * 300, 1)  # the 126-byte length form
+        sock.sendall(_frame(1, padded))
+        assert json.loads(_read_frame(sock)[1])["step_count"] == 4
+        sock.sendall(_frame(2, _step(0.5, 4)))  # JSON in a binary frame
+        opcode, reply = _read_frame(sock)
+        assert opcode == 1 and json.loads(reply)["step_count"] == 5
+        sock.sendall(_frame(1, b'{"inputs": "\xff\xfe"}'))  # not UTF-8
+        opcode, reason = _read_frame(sock)
+        assert opcode == 8 and int.from_bytes(reason[:2], "big") == 1007
+    finally:
+        sock.close()
