@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported: no display is needed
+import numpy as np
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 
@@ -89,6 +90,35 @@ def curve_figure(path: Path, title: str, panels: Sequence[CurvePanel], ylabel: s
     fig.legend(handles, labels, loc="lower center", ncol=6, fontsize="small")
     fig.suptitle(title)
     fig.tight_layout(rect=(0.0, 0.1, 1.0, 1.0))  # leave room for the shared legend
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+@dataclass(frozen=True)
+class TracePanel:
+    """One panel of state traces: every unit's value against the position in a sequence."""
+
+    title: str
+    values: np.ndarray  # (T, units)
+    boundaries: Sequence[float] = ()  # dotted vertical lines (where the input changes)
+
+
+def trace_figure(path: Path, title: str, panels: Sequence[TracePanel]) -> Path:
+    """Write state traces, two panels a row, to ``path``."""
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.6 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        ax.plot(np.arange(len(panel.values)), panel.values, linewidth=0.9)
+        for x in panel.boundaries:
+            ax.axvline(x, color="grey", linestyle=":")
+        ax.set(title=panel.title, xlabel="position in the string", ylabel="unit value")
+        ax.title.set_fontsize("small")
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
