@@ -221,3 +221,33 @@ def co2_task(options: TaskOptions) -> SeriesTask:
     )
     saved = _series_options(options)
     return series_task("co2", description, {"co2": load_co2()}, options, "co2", saved)
+
+
+def load_sunspots() -> np.ndarray:
+    """Yearly mean sunspot numbers, 1700-2008 (309 values, statsmodels.datasets.sunspots)."""
+    from statsmodels.datasets import sunspots  # a slow import, only for this task
+
+    frame = sunspots.load_pandas().data
+    values: np.ndarray = frame["SUNACTIVITY"].to_numpy(dtype=np.float64)
+    return values
+
+
+def sunspots_task(options: TaskOptions) -> SeriesTask:
+    """Next-year forecasting of the yearly sunspot numbers (statsmodels.datasets.sunspots).
+
+    A classic nonlinear series: the cycles rise faster than they fall and vary in height, which
+    linear autoregressions miss (Tong & Lim 1980 fitted threshold models to it).
+    """
+    if options.csv is not None or options.features not in ((), ("sunspots",)):
+        raise TaskError("the sunspots task has one column; --csv and --features are for csv")
+    if options.target not in (None, "sunspots"):
+        raise TaskError(f"the sunspots task forecasts 'sunspots', not {options.target!r}")
+    options = replace(options, features=("sunspots",), target="sunspots")
+    what = "yearly change" if options.difference else "value"
+    description = (
+        f"Yearly sunspot numbers 1700-2008 (statsmodels.datasets.sunspots): forecast the {what} "
+        f"{options.horizon} year(s) ahead"
+    )
+    saved = _series_options(options)
+    columns = {"sunspots": load_sunspots()}
+    return series_task("sunspots", description, columns, options, "sunspots", saved)
