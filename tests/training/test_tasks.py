@@ -62,7 +62,7 @@ def test_task_shapes(name: str, inputs: int, outputs: int, head: str) -> None:
 def test_unknown_task_names_the_choices() -> None:
     with pytest.raises(TaskError, match="unknown task 'nope'; choose one of co2, csv"):
         build_task("nope")
-    assert set(TASKS) == {"co2", "csv", "adding", "anbn", "anbncn"}
+    assert set(TASKS) == {"co2", "csv", "adding", "anbn", "anbncn", "sunspots"}
 
 
 @pytest.mark.parametrize("name", ["co2", "adding"])
