@@ -91,7 +91,8 @@ def _seed_batch(data: LabelledSequences, rows: np.ndarray) -> tuple[Tensor, Tens
 
 
 def _last_logits(ensemble: SeedEnsemble, x: Tensor) -> Tensor:
-    return ensemble(x)[:, -1]  # (B, S, classes)
+    logits: Tensor = ensemble(x)
+    return logits[:, -1]  # (B, S, classes)
 
 
 def _seed_losses(logits: Tensor, labels: Tensor) -> Tensor:
@@ -132,7 +133,7 @@ class _Trainer:
             x, labels = _seed_batch(train, orders[:, start : start + self.plan.batch_size])
             loss = _seed_losses(_last_logits(self.ensemble, x), labels).sum()
             self.optimizer.zero_grad()
-            loss.backward()
+            torch.autograd.backward(loss)
             self.ensemble.clip_grad_norm_(1.0)
             self.optimizer.step()
 

@@ -200,7 +200,7 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad()
-        loss.backward()
+        torch.autograd.backward(loss)
         self.ensemble.clip_grad_norm_(1.0)
         self.optimizer.step()
 

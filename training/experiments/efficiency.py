@@ -87,7 +87,8 @@ class _FusedModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out, _ = self.rnn(x)
-        return self.head(out)  # (B, T, 1)
+        y: Tensor = self.head(out)  # (B, T, 1)
+        return y
 
 
 def fused_epoch(
@@ -207,10 +208,12 @@ def _time_inference(config: _Config, plan: Plan) -> None:
     step_feed = _feed(config, 1, 1)
     sequence_feed = _feed(config, plan.seq_batch, plan.seq_steps)
     for form, session in config.sessions.items():
-        config.record(f"{form} step", _median(lambda s=session: s.run(None, step_feed), plan))
-        config.record(
-            f"{form} sequence", _median(lambda s=session: s.run(None, sequence_feed), plan)
-        )
+        config.record(f"{form} step", _median(_runner(session, step_feed), plan))
+        config.record(f"{form} sequence", _median(_runner(session, sequence_feed), plan))
+
+
+def _runner(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> Callable[[], object]:
+    return lambda: session.run(None, feed)
 
 
 def measure_round(configs: list[_Config], plan: Plan) -> None:

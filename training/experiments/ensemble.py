@@ -77,7 +77,7 @@ class _Slot:
     def trainable(self) -> Tensor:
         """The leaf the optimiser updates (the unmasked original where a mask is registered)."""
         if parametrize.is_parametrized(self.module, self.name):
-            original: Tensor = self.module.parametrizations[self.name].original
+            original: Tensor = getattr(self.module.parametrizations, self.name).original
             return original
         return self.tensor()
 
@@ -195,7 +195,7 @@ class SeedEnsemble(nn.Module):
             for step in range(t):
                 state = cell.recur(xp[:, step], state)
                 outputs.append(state[0])
-            out = model.head(torch.stack(outputs, dim=1))  # (B, T, S*o)
+            out: Tensor = model.head(torch.stack(outputs, dim=1))  # (B, T, S*o)
         return out.view(b, t, s, self.member_config.output_size)
 
     def _seed_grads(self) -> list[Tensor]:
