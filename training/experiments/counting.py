@@ -69,7 +69,7 @@ FULL = Plan(
     hidden_size=10,
     n_train_max=50,
     n_eval_max=1000,
-    max_steps=1500,
+    max_steps=900,
     lr=1e-2,
     lr_final=1e-3,
     curriculum_start=10,
@@ -77,7 +77,7 @@ FULL = Plan(
     stage_checks=12,
     check_every=25,
     settle_checks=4,
-    stall_checks=16,
+    stall_checks=10,
     eval_block=100,
     trace_n=200,
 )
