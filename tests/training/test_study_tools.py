@@ -22,7 +22,7 @@ from training.experiments.counting import largest_prefix
 from training.experiments.ensemble import SeedEnsemble, block_mask
 from training.experiments.forecast import verdict
 from training.experiments.stats import Interval, mean_ci, p_text, t_interval, welch_p
-from training.model import RecurrentModel
+from training.model import ModelConfig, RecurrentModel
 from training.tasks.digits import as_sequences, load_digit_splits, stratified_split
 
 # --- statistics: values from a t table and worked by hand -------------------------------------
@@ -91,7 +91,7 @@ def test_block_mask_is_seed_diagonal() -> None:
 
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_ensemble_members_are_the_seeded_models(cell: str) -> None:
-    ensemble = SeedEnsemble(cell, 3, 4, 2, "multilabel", seeds=[0, 1, 2])
+    ensemble = SeedEnsemble(ModelConfig(cell, 3, 4, 2, head="multilabel"), seeds=[0, 1, 2])
     torch.manual_seed(1)
     alone = RecurrentModel(ensemble.member_config)
     mine = ensemble.member(1).state_dict()
@@ -107,7 +107,9 @@ def test_ensemble_members_are_the_seeded_models(cell: str) -> None:
 @pytest.mark.parametrize("cell", ["gru", "mgu3", "lstm"])
 def test_one_ensemble_step_equals_a_step_alone(cell: str) -> None:
     """Loss, per-seed clipping and Adam on the ensemble match clip_grad_norm_ and Adam alone."""
-    ensemble = SeedEnsemble(cell, 2, 3, 1, "regression", seeds=[0, 1])
+    ensemble = SeedEnsemble(
+        ModelConfig(cell, 2, 3, 1, output_mean=(0.5,), output_std=(2.0,)), seeds=[0, 1]
+    )
     models = [ensemble.member(i).train() for i in range(2)]
     x, y = torch.randn(4, 5, 2, 2) * 3, torch.randn(4, 5, 2, 1) * 3  # large: clipping bites
     out = ensemble(x)
@@ -128,7 +130,7 @@ def test_one_ensemble_step_equals_a_step_alone(cell: str) -> None:
 
 
 def test_ensemble_rejects_the_wrong_shape() -> None:
-    ensemble = SeedEnsemble("gru", 3, 4, 2, "multilabel", seeds=[0, 1])
+    ensemble = SeedEnsemble(ModelConfig("gru", 3, 4, 2), seeds=[0, 1])
     with pytest.raises(ValueError, match=r"SeedEnsemble: x must be \(B, T, 2, 3\)"):
         ensemble(torch.zeros(1, 2, 3, 3))
 

@@ -29,7 +29,7 @@ from training.experiments.options import StudyOptions, run_all
 from training.experiments.plots import BarPanel, bar_figure
 from training.experiments.report import Report, Table
 from training.experiments.stats import mean_ci, p_text, t_interval, welch_p
-from training.model import RecurrentModel
+from training.model import ModelConfig, RecurrentModel
 from training.tasks.digits import (
     CLASSES,
     READINGS,
@@ -116,9 +116,8 @@ def score(ensemble: SeedEnsemble, data: LabelledSequences) -> tuple[Tensor, Tens
 class _Trainer:
     def __init__(self, cell: str, hidden: int, seeds: int, plan: Plan, input_size: int) -> None:
         self.plan = plan
-        self.ensemble = SeedEnsemble(
-            cell, input_size, hidden, CLASSES, "classification", range(seeds)
-        )
+        config = ModelConfig(cell, input_size, hidden, CLASSES, head="classification")
+        self.ensemble = SeedEnsemble(config, range(seeds))
         self.optimizer = torch.optim.Adam(self.ensemble.parameters(), lr=plan.lr)
         self.rng = np.random.default_rng(seeds)
         self.best_loss = [float("inf")] * seeds

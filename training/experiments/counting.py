@@ -39,7 +39,7 @@ from training.experiments.options import StudyOptions, run_all
 from training.experiments.plots import CurvePanel, TracePanel, curve_figure, trace_figure
 from training.experiments.report import Report, Table
 from training.experiments.stats import mean_ci, p_text, welch_p
-from training.model import RecurrentModel
+from training.model import ModelConfig, RecurrentModel
 from training.tasks import counting_split, counting_string
 from training.tasks.counting import alphabet
 
@@ -177,9 +177,8 @@ class _Trainer:
     def __init__(self, cell: str, with_c: bool, seeds: range, plan: Plan) -> None:
         inputs, labels = alphabet(with_c)
         self.plan, self.with_c, self.seeds = plan, with_c, seeds
-        self.ensemble = SeedEnsemble(
-            cell, len(inputs), plan.hidden_size, len(labels), "multilabel", seeds
-        )
+        config = ModelConfig(cell, len(inputs), plan.hidden_size, len(labels), head="multilabel")
+        self.ensemble = SeedEnsemble(config, seeds)
         self.optimizer = torch.optim.Adam(self.ensemble.parameters(), lr=plan.lr)
         self.full = _tensors(range(1, plan.n_train_max + 1), with_c, len(seeds))
         self.best = [_Best() for _ in seeds]
@@ -261,14 +260,7 @@ class _Trainer:
 @torch.no_grad()
 def accepted_by_n(models: list[RecurrentModel], with_c: bool, n_max: int, block: int) -> np.ndarray:
     """``(S, n_max)`` 1.0 where model ``s`` gets the string for n = column + 1 right."""
-    ensemble = SeedEnsemble(
-        models[0].config.cell,
-        models[0].config.input_size,
-        models[0].config.hidden_size,
-        models[0].config.output_size,
-        "multilabel",
-        range(len(models)),
-    )
+    ensemble = SeedEnsemble(models[0].config, range(len(models)))
     ensemble.load_members(models)
     ensemble.eval()
     columns = []

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from training.model import HeadKind, ModelConfig, RecurrentModel
+from training.model import ModelConfig, RecurrentModel
 
 
 class _BlockMask(nn.Module):
@@ -85,39 +85,31 @@ class _Slot:
 class SeedEnsemble(nn.Module):
     """``len(seeds)`` one-layer models of one cell, trained together; see the module docstring.
 
-    Args: cell (a ``training.cells`` name), input_size (n), hidden_size (H, per seed),
-    output_size (o, per seed), head, seeds (each seeds its member's initial weights).
+    Args: config (one member's :class:`ModelConfig`: one layer; its normalisation is shared),
+    seeds (each seeds its member's initial weights).
     Inputs: x ``(B, T, S, n)``. Outputs: ``(B, T, S, o)`` before the output de-normalisation
     (logits for a multilabel or classification head).
     """
 
-    def __init__(
-        self,
-        cell: str,
-        input_size: int,
-        hidden_size: int,
-        output_size: int,
-        head: HeadKind,
-        seeds: Sequence[int],
-    ) -> None:
+    def __init__(self, config: ModelConfig, seeds: Sequence[int]) -> None:
         super().__init__()
         if not seeds:
             raise ValueError("SeedEnsemble: needs at least one seed")
+        if config.num_layers != 1:
+            raise ValueError(f"SeedEnsemble: one layer only, got {config.num_layers}")
         self.seeds = tuple(seeds)
-        self.member_config = ModelConfig(
-            cell=cell,
-            input_size=input_size,
-            hidden_size=hidden_size,
-            output_size=output_size,
-            head=head,
-        )
+        self.member_config = config
         s = len(self.seeds)
         self.wide = RecurrentModel(
             replace(
-                self.member_config,
-                input_size=s * input_size,
-                hidden_size=s * hidden_size,
-                output_size=s * output_size,
+                config,
+                input_size=s * config.input_size,
+                hidden_size=s * config.hidden_size,
+                output_size=s * config.output_size,
+                input_mean=config.input_mean * s,
+                input_std=config.input_std * s,
+                output_mean=config.output_mean * s,
+                output_std=config.output_std * s,
             )
         )
         members = []

@@ -8,30 +8,42 @@
   something to add over a linear autoregression.
 - ``adding``: test MSE on the adding problem; always answering 1.0 scores about 1/6.
 
+All seeds of a cell train at once as a :class:`SeedEnsemble` (each seed as ``train`` would train
+it alone: its own shuffles, clipping, Adam state and early stopping on the validation loss) and
+are scored with the task's own ``evaluate``, as ``train`` scores a run.
+
 Every series table carries the baselines of :mod:`training.experiments.baselines` (persistence,
 climatology, harmonic regression, AR(p), AR(p) + harmonics), fitted on the training part only and
 scored on the same positions, and says for every cell whether its 95% interval lies below the best
-of them. Each run is one call of :func:`training.train.train` with early stopping on the
-validation loss; the epoch cap is set well past where the validation loss stops improving, so that
+of them. The epoch cap is set well past where the validation loss stops improving, so that
 the early stop is what ends a run (the tables show where it did).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from training.cells import CELLS
 from training.experiments.baselines import Baseline, Seasons, baselines
+from training.experiments.ensemble import SeedEnsemble
 from training.experiments.options import StudyOptions, run_all
 from training.experiments.plots import BarPanel, bar_figure
 from training.experiments.report import Report, Table, check_finite
 from training.experiments.stats import Interval, decimals_for, mean_ci, t_interval
-from training.tasks import SeriesTask, TaskOptions, build_task
-from training.train import TrainConfig, train
+from training.model import ModelConfig, RecurrentModel
+from training.tasks import SequenceSplit, SeriesTask, Task, TaskOptions, build_task
+from training.train import MIN_RELATIVE_IMPROVEMENT
+
+BATCH = 32  # sequences per optimiser step, as ``train`` defaults to
 
 
 @dataclass(frozen=True)
@@ -99,23 +111,107 @@ TINY = Plan(
 Summary = dict[str, Any]
 
 
+class _Fit:
+    """All seeds of one cell on one task, trained as a :class:`SeedEnsemble` the way ``train``
+    trains one model: Adam, batches of ``BATCH``, the normalised MSE on the scored steps,
+    gradient norm clipped at 1 per seed, early stopping per seed on the validation loss."""
+
+    def __init__(self, cell: str, task: Task, seeds: int, plan: Plan) -> None:
+        norm = task.normalization
+        config = ModelConfig(
+            cell,
+            task.input_size,
+            plan.hidden_size,
+            task.output_size,
+            input_mean=norm.input_mean,
+            input_std=norm.input_std,
+            output_mean=norm.output_mean,
+            output_std=norm.output_std,
+        )
+        self.task, self.plan = task, plan
+        self.ensemble = SeedEnsemble(config, range(seeds))
+        self.optimizer = torch.optim.Adam(self.ensemble.parameters(), lr=plan.lr)
+        self.rng = np.random.default_rng(seeds)
+        self.best_loss = [math.inf] * seeds
+        self.best_epoch = [0] * seeds
+        self.best_state: list[dict[str, Tensor]] = [{} for _ in range(seeds)]
+
+    def _losses(self, split: SequenceSplit, rows: np.ndarray) -> Tensor:
+        """``(S,)`` each seed's weighted MSE (normalised) on its rows ``(S, B)`` of ``split``."""
+        steps = int(split.lengths[rows].max())
+        x = torch.from_numpy(split.x[rows, :steps]).permute(1, 2, 0, 3)  # (B, T, S, n)
+        y = torch.from_numpy(split.y[rows, :steps]).permute(1, 2, 0, 3)  # (B, T, S, o)
+        weight = torch.from_numpy(split.weight[rows, :steps]).permute(1, 2, 0)  # (B, T, S)
+        config = self.ensemble.member_config
+        target = (y - torch.tensor(config.output_mean or (0.0,))) / torch.tensor(
+            config.output_std or (1.0,)
+        )
+        per_step = ((self.ensemble(x.contiguous()) - target) ** 2).mean(dim=-1)  # (B, T, S)
+        losses: Tensor = (per_step * weight).sum(dim=(0, 1)) / weight.sum(dim=(0, 1))
+        return losses
+
+    def epoch(self) -> None:
+        self.ensemble.train()
+        split = self.task.train
+        size = self.ensemble.size
+        orders = np.stack([self.rng.permutation(split.x.shape[0]) for _ in range(size)])
+        for start in range(0, orders.shape[1], BATCH):
+            loss = self._losses(split, orders[:, start : start + BATCH]).sum()
+            self.optimizer.zero_grad()
+            torch.autograd.backward(loss)
+            self.ensemble.clip_grad_norm_(1.0)
+            self.optimizer.step()
+
+    @torch.no_grad()
+    def keep(self, epoch: int) -> bool:
+        """Keep each seed's best state; True when every seed has stalled."""
+        self.ensemble.eval()
+        split = self.task.validation
+        rows = np.tile(np.arange(split.x.shape[0]), (self.ensemble.size, 1))  # (S, N)
+        for i, loss in enumerate(self._losses(split, rows).tolist()):
+            if loss < self.best_loss[i] * (1 - MIN_RELATIVE_IMPROVEMENT):
+                self.best_loss[i], self.best_epoch[i] = loss, epoch
+                member = self.ensemble.member(i).state_dict()
+                self.best_state[i] = {k: v.clone() for k, v in member.items()}
+        return all(epoch - best >= self.plan.patience for best in self.best_epoch)
+
+    def summaries(self, epochs_run: int, wall_time: float) -> list[Summary]:
+        """What ``train`` would report for each seed, from its best state."""
+        out = []
+        for i, state in enumerate(self.best_state):
+            model = RecurrentModel(self.ensemble.member_config)
+            model.load_state_dict(state)
+            model.eval()
+            metrics = {
+                split: self.task.evaluate(model, self.task.split(split))
+                for split in ("validation", "test")
+            }
+            out.append(
+                {
+                    "parameters": model.parameter_count(),
+                    "epochs_run": epochs_run,
+                    "best_epoch": self.best_epoch[i],
+                    "wall_time_s": wall_time,
+                    "metrics": metrics,
+                }
+            )
+        return out
+
+
 def _train(
-    cell: str, task: str, seed: int, epochs: int, options: TaskOptions, plan: Plan, workdir: Path
-) -> Summary:
-    """Train one model; return its summary (parameters, epochs, metrics on validation and test)."""
-    config = TrainConfig(
-        cell=cell,
-        task=task,
-        hidden_size=plan.hidden_size,
-        epochs=epochs,
-        lr=plan.lr,
-        patience=plan.patience,
-        seed=seed,
-        progress=False,
-        out=workdir / f"{task}-{cell}-{seed}",
-        task_options=options,
-    )
-    return train(config).summary
+    cell: str, task_name: str, seeds: int, epochs: int, options: TaskOptions, plan: Plan
+) -> list[Summary]:
+    """Train every seed of one cell on one task; return one summary per seed."""
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    fit = _Fit(cell, build_task(task_name, options), seeds, plan)
+    epochs_run = epochs
+    for epoch in range(1, epochs + 1):
+        fit.epoch()
+        if fit.keep(epoch):
+            epochs_run = epoch
+            break
+    return fit.summaries(epochs_run, time.perf_counter() - started)
 
 
 def _metric(summaries: list[Summary], split: str, name: str) -> list[float]:
@@ -144,13 +240,12 @@ Results = dict[str, dict[str, list[Summary]]]  # {task: {cell: one summary per s
 def train_all(plan: Plan, options: StudyOptions) -> Results:
     """Train every cell with every seed on every task."""
     tasks = _task_options(plan)
-    keys = [(task, cell, seed) for task in tasks for cell in CELLS for seed in options.seed_list]
-    with tempfile.TemporaryDirectory(prefix="forecast-") as tmp:
-        calls = [(cell, task, seed, *tasks[task], plan, Path(tmp)) for task, cell, seed in keys]
-        summaries = run_all(_train, calls, options.jobs)
-    results: Results = {task: {cell: [] for cell in CELLS} for task in tasks}
-    for (task, cell, _), summary in zip(keys, summaries, strict=True):
-        results[task][cell].append(summary)
+    keys = [(task, cell) for task in tasks for cell in CELLS]
+    calls = [(cell, task, options.seeds, *tasks[task], plan) for task, cell in keys]
+    outcomes = run_all(_train, calls, options.jobs)
+    results: Results = {task: {} for task in tasks}
+    for (task, cell), summaries in zip(keys, outcomes, strict=True):
+        results[task][cell] = summaries
     return results
 
 
