@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import sys
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,10 +41,23 @@ def run_all(fn: Callable[..., Result], calls: Sequence[tuple[Any, ...]], jobs: i
     """``[fn(*args) for args in calls]``, in ``jobs`` worker processes when ``jobs > 1``.
 
     Workers are spawned, not forked: a forked copy of a process that already ran torch can hang.
+    Each finished call is counted on stderr, so that a long study shows how far it has come.
     """
+    started = time.perf_counter()
+
+    def done(k: int) -> None:
+        elapsed = time.perf_counter() - started
+        print(f"{k}/{len(calls)} done after {elapsed:.0f} s", file=sys.stderr, flush=True)
+
     if jobs == 1 or len(calls) < 2:
-        return [fn(*args) for args in calls]
+        results = []
+        for k, args in enumerate(calls, start=1):
+            results.append(fn(*args))
+            done(k)
+        return results
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [pool.submit(fn, *args) for args in calls]
+        for k, _ in enumerate(as_completed(futures), start=1):
+            done(k)
         return [future.result() for future in futures]
