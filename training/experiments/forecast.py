@@ -435,5 +435,9 @@ def _description(plan: Plan, options: StudyOptions) -> str:
         "own 15%. co2 forecasts weekly changes, sunspots yearly levels. adding: at most "
         f"{plan.adding_epochs} epochs on {plan.adding_train} sequences of {plan.adding_steps} "
         f"steps, {plan.adding_eval} validation and {plan.adding_eval} test sequences. "
-        f"{options.seeds} seeds per cell; cells show the mean ± the 95% t-interval over seeds."
+        f"{options.seeds} seeds per cell, trained together as a block-diagonal ensemble of the "
+        "project's cells (each seed as if alone: its own initial weights, shuffles, clipping, "
+        "Adam state and early stopping); the data (training windows, adding sequences) is "
+        "drawn once with seed 0 and shared, so the seeds differ in initial weights and order. "
+        "Cells show the mean ± the 95% t-interval over seeds."
     )
