@@ -63,7 +63,7 @@ class Plan:
     train_limit: int = 0  # use only this many training images (0: all; for the tiny form)
 
 
-FULL = Plan(reference_hidden=16, epochs=40, patience=6, batch_size=64, lr=1e-2)
+FULL = Plan(reference_hidden=16, epochs=100, patience=8, batch_size=64, lr=1e-2)
 TINY = Plan(reference_hidden=3, epochs=2, patience=1, batch_size=32, lr=1e-2, train_limit=64)
 
 
