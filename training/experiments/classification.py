@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from training.cells import CELLS
 from training.experiments.budget import matched_sizes
 from training.experiments.ensemble import SeedEnsemble
-from training.experiments.options import StudyOptions, run_all
+from training.experiments.options import StudyOptions, run_grid
 from training.experiments.plots import BarPanel, bar_figure
 from training.experiments.report import Report, Table
 from training.experiments.stats import mean_ci, p_text, t_interval, welch_p
@@ -184,17 +184,15 @@ Results = dict[str, dict[str, CellResult]]  # {reading: {cell: result}}
 
 
 def train_all(plan: Plan, options: StudyOptions) -> Results:
-    keys = [(reading, cell) for reading in READINGS for cell in CELLS]
     sizes = {
         reading: matched_sizes(_input_size(reading), REFERENCE_CELL, plan.reference_hidden)
         for reading in READINGS
     }
-    calls = [(reading, cell, sizes[reading][cell], options.seeds, plan) for reading, cell in keys]
-    outcomes = run_all(train_one, calls, options.jobs)
-    results: Results = {reading: {} for reading in READINGS}
-    for (reading, cell), outcome in zip(keys, outcomes, strict=True):
-        results[reading][cell] = outcome
-    return results
+
+    def call(reading: str, cell: str) -> tuple[object, ...]:
+        return reading, cell, sizes[reading][cell], options.seeds, plan
+
+    return run_grid(train_one, READINGS, call, options.jobs)
 
 
 def _input_size(reading: str) -> int:

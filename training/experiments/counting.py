@@ -33,9 +33,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from training.cells import CELLS
 from training.experiments.ensemble import SeedEnsemble
-from training.experiments.options import StudyOptions, run_all
+from training.experiments.options import StudyOptions, run_grid
 from training.experiments.plots import CurvePanel, TracePanel, curve_figure, trace_figure
 from training.experiments.report import Report, Table
 from training.experiments.stats import mean_ci, p_text, welch_p
@@ -322,13 +321,12 @@ Results = dict[str, dict[str, CellResult]]  # {language: {cell: result}}
 
 
 def train_all(plan: Plan, options: StudyOptions) -> Results:
-    keys = [(language, cell) for language in LANGUAGES for cell in CELLS]
-    calls = [(language, cell, options.seeds, plan) for language, cell in keys]
-    outcomes = run_all(train_one, calls, options.jobs)
-    results: Results = {language: {} for language in LANGUAGES}
-    for (language, cell), outcome in zip(keys, outcomes, strict=True):
-        results[language][cell] = outcome
-    return results
+    return run_grid(
+        train_one,
+        list(LANGUAGES),
+        lambda lang, cell: (lang, cell, options.seeds, plan),
+        options.jobs,
+    )
 
 
 COLUMNS = (

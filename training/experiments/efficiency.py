@@ -284,6 +284,9 @@ def _ratio(a: _Config, b: _Config, quantity: str) -> str:
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+#: (label, inference form, training form) of each like-for-like comparison
+FORMS = (("Scan / Scan", "scan", "train loop"), ("native op / native op", "native", "train fused"))
+KINDS = ("step", "sequence")
 RATIO_COLUMNS = ("cell", "setting", "form", "step, batch 1", "sequence", "training epoch")
 
 
@@ -293,30 +296,10 @@ def _ratio_rows(results: Results) -> tuple[tuple[str, ...], ...]:
         by_cell = {c.cell: c for c in configs}
         lstm = by_cell["lstm"]
         for cell in CELLS:
-            if cell == "lstm":
-                continue
-            config = by_cell[cell]
-            rows.append(
-                (
-                    cell,
-                    setting,
-                    "Scan / Scan",
-                    _ratio(config, lstm, "scan step"),
-                    _ratio(config, lstm, "scan sequence"),
-                    _ratio(config, lstm, "train loop"),
-                )
-            )
-            if cell in NATIVE_CELLS:
-                rows.append(
-                    (
-                        cell,
-                        setting,
-                        "native op / native op",
-                        _ratio(config, lstm, "native step"),
-                        _ratio(config, lstm, "native sequence"),
-                        _ratio(config, lstm, "train fused"),
-                    )
-                )
+            forms = FORMS if cell in NATIVE_CELLS else FORMS[:1]
+            for label, inference, training in forms if cell != "lstm" else ():
+                ratios = [_ratio(by_cell[cell], lstm, f"{inference} {kind}") for kind in KINDS]
+                rows.append((cell, setting, label, *ratios, _ratio(by_cell[cell], lstm, training)))
     return tuple(rows)
 
 

@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from training.cells import CELLS
 from training.experiments.baselines import Baseline, Seasons, baselines
 from training.experiments.ensemble import SeedEnsemble
-from training.experiments.options import StudyOptions, run_all
+from training.experiments.options import StudyOptions, run_grid
 from training.experiments.plots import BarPanel, bar_figure
 from training.experiments.report import Report, Table, check_finite
 from training.experiments.stats import Interval, decimals_for, mean_ci, t_interval
@@ -240,13 +239,11 @@ Results = dict[str, dict[str, list[Summary]]]  # {task: {cell: one summary per s
 def train_all(plan: Plan, options: StudyOptions) -> Results:
     """Train every cell with every seed on every task."""
     tasks = _task_options(plan)
-    keys = [(task, cell) for task in tasks for cell in CELLS]
-    calls = [(cell, task, options.seeds, *tasks[task], plan) for task, cell in keys]
-    outcomes = run_all(_train, calls, options.jobs)
-    results: Results = {task: {} for task in tasks}
-    for (task, cell), summaries in zip(keys, outcomes, strict=True):
-        results[task][cell] = summaries
-    return results
+
+    def call(task: str, cell: str) -> tuple[object, ...]:
+        return cell, task, options.seeds, *tasks[task], plan
+
+    return run_grid(_train, list(tasks), call, options.jobs)
 
 
 SERIES_COLUMNS = (

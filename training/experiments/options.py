@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from training.cells import CELLS
+
 Result = TypeVar("Result")
 
 
@@ -61,3 +63,19 @@ def run_all(fn: Callable[..., Result], calls: Sequence[tuple[Any, ...]], jobs: i
         for k, _ in enumerate(as_completed(futures), start=1):
             done(k)
         return [future.result() for future in futures]
+
+
+def run_grid(
+    fn: Callable[..., Result],
+    groups: Sequence[str],
+    call: Callable[[str, str], tuple[Any, ...]],
+    jobs: int,
+) -> dict[str, dict[str, Result]]:
+    """``fn(*call(group, cell))`` for every group (a task, a language) and every cell, run with
+    :func:`run_all`; the results as ``{group: {cell: result}}`` in the order of ``CELLS``."""
+    keys = [(group, cell) for group in groups for cell in CELLS]
+    outcomes = run_all(fn, [call(group, cell) for group, cell in keys], jobs)
+    results: dict[str, dict[str, Result]] = {group: {} for group in groups}
+    for (group, cell), outcome in zip(keys, outcomes, strict=True):
+        results[group][cell] = outcome
+    return results
