@@ -65,7 +65,7 @@ class Plan:
     max_repeats: int  # ... or this many calls
 
 
-FULL = Plan(64, 256, 50, 32, 32, 64, 0.15, 2000)
+FULL = Plan(64, 256, 50, 32, 32, 64, 0.4, 5000)
 TINY = Plan(6, 16, 5, 8, 2, 4, 0.005, 20)
 
 
