@@ -18,7 +18,6 @@ from training.experiments.baselines import (
     least_squares,
     rmse,
 )
-from training.experiments.counting import largest_prefix
 from training.experiments.ensemble import SeedEnsemble, block_mask
 from training.experiments.forecast import verdict
 from training.experiments.stats import Interval, mean_ci, p_text, t_interval, welch_p
@@ -73,11 +72,6 @@ def test_welch_p_matches_a_hand_computation() -> None:
 )
 def test_verdict_needs_the_whole_interval_below(reference: float, expected: str) -> None:
     assert verdict(Interval(1.0, 0.1, 5), reference) == expected
-
-
-def test_largest_prefix_counts_from_n_one() -> None:
-    accepted = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
-    assert largest_prefix(accepted).tolist() == [2, 0, 3]
 
 
 # --- the seed ensemble: each seed trains as it would alone ------------------------------------

@@ -15,8 +15,10 @@ How the training is kept affordable and honest:
 - Adam with a cosine learning-rate decay; every ``check_every`` steps each seed is scored on the
   whole training range, and the state kept for a seed is its lowest-loss state among those that
   get every n <= N right. Training stops when every seed has fitted the range for
-  ``settle_checks`` checks in a row or stalled (its largest n all right has not grown for
-  ``stall_checks`` checks on the whole range), or at ``max_steps``;
+  ``settle_checks`` checks in a row or stalled (its count of training strings right has not
+  grown for ``stall_checks`` checks on the whole range), or at ``max_steps``; a seed that never
+  fits keeps the state with the most training strings right;
+- every string weighs the same in the loss, whatever its length;
 - a seed that never fits n <= N is reported as such and left out of the generalisation
   statistics: "fails to generalise" is then not mixed with "failed to train".
 """
@@ -68,7 +70,7 @@ FULL = Plan(
     hidden_size=10,
     n_train_max=50,
     n_eval_max=1000,
-    max_steps=2000,
+    max_steps=1500,
     lr=1e-2,
     lr_final=1e-3,
     curriculum_start=10,
@@ -76,7 +78,7 @@ FULL = Plan(
     stage_checks=4,
     check_every=25,
     settle_checks=4,
-    stall_checks=10,
+    stall_checks=8,
     eval_block=100,
     trace_n=200,
 )
@@ -136,8 +138,8 @@ class _Best:
     fitted: bool = False
     score: tuple[float, float] = (-1.0, math.inf)  # (fitted or largest n, loss): higher, lower
     streak: int = 0  # checks in a row with the training range fitted
-    prefix: float = 0.0  # the largest n right so far (every smaller n right too)
-    stalled: int = 0  # checks on the whole range since ``prefix`` last grew
+    right: float = 0.0  # the most strings of the training range right at one check so far
+    stalled: int = 0  # checks on the whole range since ``right`` last grew
 
 
 def _tensors(ns: range, with_c: bool, seeds: int) -> tuple[Tensor, ...]:
@@ -153,21 +155,21 @@ def _tensors(ns: range, with_c: bool, seeds: int) -> tuple[Tensor, ...]:
 
 
 def _losses(logits: Tensor, y: Tensor, weight: Tensor) -> Tensor:
-    """``(S,)`` each seed's mean binary cross-entropy over the valid steps."""
+    """``(S,)`` each seed's binary cross-entropy: the mean over a string's steps, then over strings.
+
+    Every string weighs the same, whatever its length: n = 1 matters as much as n = 50 (a mean
+    over all steps would let the long strings drown the short ones).
+    """
     target = y[:, :, None].expand_as(logits)  # (B, T, S, o)
     per_step = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)
-    return (per_step * weight[..., None]).sum(dim=(0, 1)) / weight.sum()  # (S,)
+    per_string = (per_step * weight[..., None]).sum(dim=1) / weight.sum(dim=1)[:, None]  # (B, S)
+    return per_string.mean(dim=0)
 
 
 def _accepted(logits: Tensor, y: Tensor, weight: Tensor) -> Tensor:
     """``(B, S)`` True where the whole string is right for that seed."""
     step_ok = ((logits > 0) == (y[:, :, None] > 0.5)).all(dim=-1)  # (B, T, S)
     return (step_ok | (weight[..., None] == 0)).all(dim=1)
-
-
-def largest_prefix(accepted: Tensor) -> Tensor:
-    """``(S,)`` how many strings from n = 1 on are right, from ``(B, S)`` ordered by n."""
-    return accepted.long().cumprod(dim=0).sum(dim=0)
 
 
 class _Trainer:
@@ -210,20 +212,20 @@ class _Trainer:
         logits = self.ensemble(x)
         losses = _losses(logits, y, weight)
         accepted = _accepted(logits, y, weight)  # (B, S)
-        prefix = largest_prefix(accepted)
+        right = accepted.sum(dim=0)  # (S,)
         for i, best in enumerate(self.best):
-            self._keep(i, best, bool(accepted[:, i].all()), float(prefix[i]), float(losses[i]))
+            self._keep(i, best, bool(accepted[:, i].all()), float(right[i]), float(losses[i]))
         self._widen(accepted)
         p = self.plan
         return all(b.streak >= p.settle_checks or b.stalled >= p.stall_checks for b in self.best)
 
-    def _keep(self, i: int, best: _Best, fitted: bool, prefix: float, loss: float) -> None:
+    def _keep(self, i: int, best: _Best, fitted: bool, right: float, loss: float) -> None:
         best.streak = best.streak + 1 if fitted else 0
-        if prefix > best.prefix:
-            best.prefix, best.stalled = prefix, 0
+        if right > best.right:
+            best.right, best.stalled = right, 0
         elif self.range_max == self.plan.n_train_max:
             best.stalled += 1
-        score = (math.inf if fitted else prefix, loss)
+        score = (math.inf if fitted else right, loss)
         if score[0] > best.score[0] or (score[0] == best.score[0] and loss < best.score[1]):
             best.score, best.fitted = score, fitted
             best.state = {k: v.clone() for k, v in self.ensemble.member(i).state_dict().items()}
@@ -368,14 +370,11 @@ def _row(cell: str, result: CellResult, lstm: CellResult, plan: Plan) -> tuple[s
 
 
 def _curves(by_cell: dict[str, CellResult], ns: range) -> dict[str, list[float]]:
-    """For each cell, the fraction of its fitted seeds that is right at each n."""
-    curves = {}
-    for cell, result in by_cell.items():
-        fitted = [r for r in result.runs if r.fitted]
-        curves[cell] = [
-            float(np.mean([r.accepted[n] for r in fitted])) if fitted else 0.0 for n in ns
-        ]
-    return curves
+    """For each cell, the fraction of all its seeds (fitted or not) that is right at each n."""
+    return {
+        cell: [float(np.mean([r.accepted[n] for r in result.runs])) for n in ns]
+        for cell, result in by_cell.items()
+    }
 
 
 def _accuracy_figure(path: Path, results: Results, plan: Plan, seeds: int) -> None:
@@ -391,9 +390,10 @@ def _accuracy_figure(path: Path, results: Results, plan: Plan, seeds: int) -> No
         for language, symbol in LANGUAGES.items()
     ]
     title = (
-        f"Fraction of fitted seeds (of {seeds}) right at each n, trained on n ≤ {plan.n_train_max}"
+        f"Fraction of all {seeds} seeds (fitted or not) right at each n, trained on n ≤ "
+        f"{plan.n_train_max}"
     )
-    curve_figure(path, title, panels, ylabel="fraction of fitted seeds right")
+    curve_figure(path, title, panels, ylabel="fraction of seeds right")
 
 
 def _trace_figure(path: Path, results: Results, plan: Plan) -> None:
@@ -442,7 +442,7 @@ def run(options: StudyOptions) -> Report:
         figures=[
             (
                 "counting.png",
-                "Accuracy against n per cell (fitted seeds only); the dotted line "
+                "Accuracy against n per cell, over all seeds (fitted or not); the dotted line "
                 "ends the training range.",
             ),
             (
@@ -480,7 +480,9 @@ def _description(plan: Plan, options: StudyOptions) -> str:
         f"{plan.check_every} steps each seed is scored on n = 1..{plan.n_train_max} and the "
         "state kept is its lowest-loss state among those that fit the whole range; training "
         f"stops once every seed has either fitted for {plan.settle_checks} checks in a row or, "
-        f"on the whole range, not got a larger n right for {plan.stall_checks} checks. The figure "
+        f"on the whole range, not got more strings right for {plan.stall_checks} checks (a seed "
+        "that never fits keeps its state with the most strings right). Each string weighs the "
+        "same in the loss (the mean over its steps, then over strings). The figure "
         "of merit is the largest n up to which every string is right (Weiss, Goldberg & Yahav "
         "2018)."
     )
