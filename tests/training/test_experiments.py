@@ -1,6 +1,7 @@
 """The experiment studies, each run in its tiny configuration through the command line.
 
-A report must have a table row per cell, the expected columns, finite numbers and real PNG figures.
+A report must have its tables with the expected columns and a row per cell (and per baseline),
+finite numbers where numbers belong, and real PNG figures.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import pytest
 from matplotlib import image
 
 from training.cli import main
+from training.experiments.budget import hidden_for_budget, matched_sizes
 from training.experiments.counting import Run
-from training.experiments.efficiency import hidden_for_budget
 from training.experiments.options import run_all
 from training.experiments.report import mean_std
 
@@ -26,27 +27,34 @@ EFFICIENCY = [
     "hidden",
     "parameters",
     "vs lstm",
-    "train s/epoch",
-    "torch µs/step",
-    "ORT µs/step",
+    "train s/epoch: project cell (Python loop)",
+    "train s/epoch: torch nn.GRU/nn.LSTM",
+    "torch eager µs/step",
+    "ORT Scan µs/step",
+    "ORT native op µs/step",
+    "ORT Scan ms/sequence",
+    "ORT native op ms/sequence",
 ]
+RATIOS = ["cell", "setting", "form", "step, batch 1", "sequence", "training epoch"]
 COUNTING = [
     "cell",
     "parameters (with head)",
-    "right in training range",
-    "right beyond it",
-    "largest n all right",
-    "seeds past training n",
-    "train s",
+    "seeds fitting n ≤ N",
+    "largest n all right, per seed",
+    "largest n all right (fitted seeds)",
+    "p vs lstm",
+    "right in N+1..max (fitted seeds)",
+    "steps",
+    "train s (all seeds)",
 ]
-CO2 = [
-    "cell",
-    "parameters (with head)",
+SERIES = [
+    "model",
+    "parameters",
     "validation RMSE",
     "test RMSE",
-    "test persistence RMSE",
-    "test skill",
-    "train s",
+    "test RMSE / best baseline",
+    "beats the best baseline?",
+    "epochs run (best)",
 ]
 ADDING = [
     "cell",
@@ -54,7 +62,25 @@ ADDING = [
     "validation MSE",
     "test MSE",
     "constant-guess MSE",
-    "train s",
+    "epochs run (best)",
+]
+CLASSIFICATION = [
+    "cell",
+    "hidden",
+    "parameters (cell)",
+    "test accuracy",
+    "per seed",
+    "p vs gru",
+    "best epoch (median)",
+    "train s (all seeds)",
+    "what the papers report",
+]
+BASELINES = [
+    "*persistence*",
+    "*climatology (52 season bins)*",
+    "*harmonics (K = 2)*",
+    "*AR(",
+    "*AR(",
 ]
 
 
@@ -73,8 +99,8 @@ def parse_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
 
 
 def numbers_in(value: str) -> list[float]:
-    """The numbers of a table value: ``a ± b``, ``k/n`` or a plain number."""
-    return [float(part) for part in re.split(r"±|/", value)]
+    """The numbers of a table value: ``a ± b``, ``k/n``, ``a (b)``, ``a (b-c)`` or a number."""
+    return [float(part) for part in re.findall(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?", value)]
 
 
 def run_tiny(study: str, out: Path, capsys: pytest.CaptureFixture[str], seeds: int = 2) -> str:
@@ -86,34 +112,10 @@ def run_tiny(study: str, out: Path, capsys: pytest.CaptureFixture[str], seeds: i
     return report.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize(
-    ("study", "seeds", "columns"),
-    [
-        pytest.param("efficiency", 2, [EFFICIENCY, EFFICIENCY], id="efficiency"),
-        pytest.param("counting", 2, [COUNTING, COUNTING], id="counting"),
-        # one seed: every co2 run steps through the whole series, even in the tiny configuration
-        pytest.param("forecast", 1, [CO2, ADDING], id="forecast"),
-    ],
-)
-def test_study_writes_a_complete_report(
-    study: str,
-    seeds: int,
-    columns: list[list[str]],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    out = tmp_path / "reports"
-    text = run_tiny(study, out, capsys, seeds)
+def check_header_and_figures(text: str, study: str, seeds: int, out: Path) -> None:
     assert f"`python -m training experiments {study} --seeds {seeds} --out {out} --tiny`" in text
     assert re.search(r"on \d{4}-\d\d-\d\d \d\d:\d\d UTC", text)
-    assert "Machine: " in text and " cores" in text
-    tables = parse_tables(text)
-    assert [header for header, _ in tables] == columns
-    for _, rows in tables:
-        assert [row[0] for row in rows] == CELL_NAMES
-        for row in rows:
-            values = [v for value in row[1:] for v in numbers_in(value)]
-            assert all(math.isfinite(v) for v in values), row
+    assert "Machine: " in text and " cores" in text and "torch " in text
     figures = re.findall(r"!\[[^]]*\]\(([^)]+\.png)\)", text)
     assert figures
     for name in figures:
@@ -123,19 +125,95 @@ def test_study_writes_a_complete_report(
         assert height > 100 and width > 100
 
 
-def test_efficiency_compares_cells_at_the_lstm_budget(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    text = run_tiny("efficiency", tmp_path, capsys)
-    equal_hidden, equal_budget = (rows for _, rows in parse_tables(text))
+def check_numbers(rows: list[list[str]], columns: range) -> None:
+    """Every value in ``columns`` holds only finite numbers (or '—', no value)."""
+    for row in rows:
+        for value in (row[i] for i in columns):
+            if value != "—":
+                numbers = numbers_in(value)
+                assert numbers and all(math.isfinite(v) for v in numbers), (row, value)
+
+
+def test_efficiency_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "reports"
+    text = run_tiny("efficiency", out, capsys)
+    check_header_and_figures(text, "efficiency", 2, out)
+    assert "`aten::lstm`" in text and "`aten::gru`" in text  # the fused paths are named
+    equal_hidden, equal_budget, ratios = parse_tables(text)
+    for header, rows in (equal_hidden, equal_budget):
+        assert header == EFFICIENCY and [row[0] for row in rows] == CELL_NAMES
+        check_numbers(rows, range(1, len(EFFICIENCY)))
+        by_cell = {row[0]: row for row in rows}
+        # native ops and torch's fused layers exist for the GRU and the LSTM only
+        assert by_cell["mgu"][5] == "—" and by_cell["mgu"][8] == "—"
+        assert by_cell["gru"][8] != "—" and by_cell["lstm"][5] != "—"
     # tiny: input 8, hidden 6; the LSTM has 4 (8*6 + 6*6 + 2*6) = 384 parameters
-    lstm = {row[0]: row for row in equal_hidden}["lstm"]
+    lstm = {row[0]: row for row in equal_hidden[1]}["lstm"]
     assert lstm[1:4] == ["6", "384", "1.00"]
-    gru = {row[0]: row for row in equal_hidden}["gru"]
-    assert gru[1:3] == ["6", "288"]  # 3 (48 + 36 + 12)
-    budget = {row[0]: row for row in equal_budget}
+    assert {row[0]: row for row in equal_hidden[1]}["gru"][1:3] == ["6", "288"]
+    budget = {row[0]: row for row in equal_budget[1]}
     assert budget["mgu"][1:3] == ["10", "380"]  # 2 (80 + 100 + 10)
     assert budget["gru"][1:3] == ["7", "357"]  # 3 (56 + 49 + 14); m = 8 gives 432
+    header, rows = ratios
+    assert header == RATIOS
+    # every cell but the LSTM in both settings, and the GRU twice (Scan and native)
+    assert len(rows) == 2 * (len(CELL_NAMES) - 1 + 1)
+    assert {row[2] for row in rows} == {"Scan / Scan", "native op / native op"}
+    check_numbers(rows, range(3, 6))
+
+
+def test_counting_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "reports"
+    text = run_tiny("counting", out, capsys)
+    check_header_and_figures(text, "counting", 2, out)
+    assert "counting-states.png" in text
+    tables = parse_tables(text)
+    assert [header for header, _ in tables] == [COUNTING, COUNTING]
+    for _, rows in tables:
+        assert [row[0] for row in rows] == CELL_NAMES
+        for row in rows:
+            fitted, seeds = (int(v) for v in row[2].split("/"))
+            assert seeds == 2 and 0 <= fitted <= 2
+            per_seed = row[3].split(", ")
+            assert len(per_seed) == 2
+            # unfitted seeds are bracketed and left out of the mean
+            assert sum(not v.startswith("(") for v in per_seed) == fitted
+            assert (row[4] == "—") == (fitted == 0)
+        check_numbers(rows, range(1, 3))
+        check_numbers(rows, range(4, len(COUNTING)))
+
+
+def test_forecast_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "reports"
+    # one seed: every series run steps through the whole series, even in the tiny configuration
+    text = run_tiny("forecast", out, capsys, seeds=1)
+    check_header_and_figures(text, "forecast", 1, out)
+    co2, sunspots, adding = parse_tables(text)
+    for header, rows in (co2, sunspots):
+        assert header == SERIES
+        names = [row[0] for row in rows]
+        assert names[5:] == CELL_NAMES
+        assert all(name.startswith("*") for name in names[:5])
+        assert sum(row[5] == "(the best baseline)" for row in rows) == 1
+        check_numbers(rows, range(1, 5))
+    assert [row[0] for row in co2[1][:3]] == BASELINES[:3]
+    assert adding[0] == ADDING and [row[0] for row in adding[1]] == CELL_NAMES
+    check_numbers(adding[1], range(1, len(ADDING)))
+
+
+def test_classification_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "reports"
+    text = run_tiny("classification", out, capsys)
+    check_header_and_figures(text, "classification", 2, out)
+    rows_table, pixels_table = parse_tables(text)
+    for (header, rows), input_size in ((rows_table, 8), (pixels_table, 1)):
+        assert header == CLASSIFICATION and [row[0] for row in rows] == CELL_NAMES
+        check_numbers(rows, range(1, 8))
+        sizes = matched_sizes(input_size, "lstm", 3)
+        assert [int(row[1]) for row in rows] == [sizes[cell] for cell in CELL_NAMES]
+        for row in rows:
+            accuracies = numbers_in(row[4])
+            assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
 
 
 @pytest.mark.parametrize(
@@ -153,6 +231,14 @@ def test_efficiency_compares_cells_at_the_lstm_budget(
 )
 def test_hidden_for_budget_picks_the_nearest_count(cell: str, expected: int) -> None:
     assert hidden_for_budget(cell, 8, 18944) == expected
+
+
+def test_matched_sizes_use_the_reference_cells_count() -> None:
+    # pixels (n = 1), LSTM at 16 units: 4 (16 + 256 + 32) = 1216 parameters
+    sizes = matched_sizes(1, "lstm", 16)
+    assert sizes["lstm"] == 16
+    # GRU3: m^2 + 4 m; m = 33 gives 1221 (5 above), m = 32 gives 1152
+    assert sizes["gru3"] == 33
 
 
 @pytest.mark.parametrize(
@@ -200,3 +286,14 @@ def test_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     not_a_folder.write_text("x")
     assert main(["experiments", "efficiency", "--tiny", "--out", str(not_a_folder)]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_help_documents_every_study_and_the_default_folder(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["experiments", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for study in ("efficiency", "counting", "forecast", "classification"):
+        assert f"{study}:" in text
+    assert "docs/reports" in text and "--tiny" in text and "--jobs" in text

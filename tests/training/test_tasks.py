@@ -18,7 +18,7 @@ from training.tasks import (
     counting_split,
     counting_string,
 )
-from training.tasks.series import load_co2
+from training.tasks.series import load_co2, load_sunspots
 
 SMALL = TaskOptions(
     train_windows=8, train_size=16, eval_size=8, seq_len=12, n_train_max=3, n_test_max=5
@@ -62,7 +62,7 @@ def test_task_shapes(name: str, inputs: int, outputs: int, head: str) -> None:
 def test_unknown_task_names_the_choices() -> None:
     with pytest.raises(TaskError, match="unknown task 'nope'; choose one of co2, csv"):
         build_task("nope")
-    assert set(TASKS) == {"co2", "csv", "adding", "anbn", "anbncn"}
+    assert set(TASKS) == {"co2", "csv", "adding", "anbn", "anbncn", "sunspots"}
 
 
 @pytest.mark.parametrize("name", ["co2", "adding"])
@@ -79,6 +79,18 @@ def test_co2_series_is_complete() -> None:
     assert values.shape == (2284,)
     assert np.isfinite(values).all()
     assert 310 < values.min() < values.max() < 380
+
+
+def test_sunspots_are_the_yearly_series_on_levels() -> None:
+    values = load_sunspots()
+    assert values.shape == (309,) and np.isfinite(values).all()
+    assert values.min() >= 0 and 150 < values.max() < 200  # 1957's maximum, about 190
+    task = build_task("sunspots", SMALL)
+    np.testing.assert_allclose(task.test.x[0, :, 0], values[:-1], rtol=1e-6)
+    np.testing.assert_allclose(task.test.y[0, :, 0], values[1:], rtol=1e-6)
+    assert task.feature_names == ("sunspots",) and task.output_names == ("sunspots_next",)
+    with pytest.raises(TaskError, match="the sunspots task has one column"):
+        build_task("sunspots", TaskOptions(features=("co2",)))
 
 
 def test_co2_is_streamed_from_the_start_and_scored_on_its_own_part() -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported: no display is needed
+import numpy as np
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 #: values of one quantity per cell: {cell: (mean, std)}
 CellValues = Mapping[str, tuple[float, float]]
@@ -38,20 +40,30 @@ class CurvePanel:
     marker_label: str = ""
 
 
-def bar_figure(path: Path, title: str, panels: Sequence[BarPanel]) -> Path:
-    """Write grouped bar charts, two panels a row, to ``path``."""
-    cols = min(2, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
-    for ax, panel in zip(axes.flat, panels, strict=False):
-        _bars(ax, panel)
-    for ax in axes.flat[len(panels) :]:
+def _grid(count: int, height: float) -> tuple[Figure, list[Axes]]:
+    """A figure with ``count`` panels, two a row; the unused last one is hidden."""
+    cols = min(2, count)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, height * rows), squeeze=False)
+    for ax in axes.flat[count:]:
         ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _save(fig: Figure, title: str, path: Path) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def bar_figure(path: Path, title: str, panels: Sequence[BarPanel]) -> Path:
+    """Write grouped bar charts, two panels a row, to ``path``."""
+    fig, axes = _grid(len(panels), 4.2)
+    for ax, panel in zip(axes, panels, strict=True):
+        _bars(ax, panel)
+    return _save(fig, title, path)
 
 
 def _bars(ax: Axes, panel: BarPanel) -> None:
@@ -92,3 +104,24 @@ def curve_figure(path: Path, title: str, panels: Sequence[CurvePanel], ylabel: s
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+@dataclass(frozen=True)
+class TracePanel:
+    """One panel of state traces: every unit's value against the position in a sequence."""
+
+    title: str
+    values: np.ndarray  # (T, units)
+    boundaries: Sequence[float] = ()  # dotted vertical lines (where the input changes)
+
+
+def trace_figure(path: Path, title: str, panels: Sequence[TracePanel]) -> Path:
+    """Write state traces, two panels a row, to ``path``."""
+    fig, axes = _grid(len(panels), 3.6)
+    for ax, panel in zip(axes, panels, strict=True):
+        ax.plot(np.arange(len(panel.values)), panel.values, linewidth=0.9)
+        for x in panel.boundaries:
+            ax.axvline(x, color="grey", linestyle=":")
+        ax.set(title=panel.title, xlabel="position in the string", ylabel="unit value")
+        ax.title.set_fontsize("small")
+    return _save(fig, title, path)

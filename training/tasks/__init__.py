@@ -20,7 +20,7 @@ from training.tasks.base import (
 )
 from training.tasks.counting import CountingTask, counting_split, counting_string, counting_task
 from training.tasks.csvfile import CsvError
-from training.tasks.series import SeriesTask, co2_task, csv_task
+from training.tasks.series import SeriesTask, co2_task, csv_task, sunspots_task
 
 TASKS: dict[str, Callable[[TaskOptions], Task]] = {
     "co2": co2_task,
@@ -28,6 +28,7 @@ TASKS: dict[str, Callable[[TaskOptions], Task]] = {
     "adding": adding_task,
     "anbn": partial(counting_task, with_c=False),
     "anbncn": partial(counting_task, with_c=True),
+    "sunspots": sunspots_task,
 }
 
 

@@ -207,17 +207,42 @@ def load_co2() -> np.ndarray:
     return values
 
 
+def bundled_task(name: str, values: np.ndarray, options: TaskOptions, what: str) -> SeriesTask:
+    """A one-column series that ships inside a package: the column, the target and the task are
+    all called ``name``; ``what`` says where the data comes from and at which step."""
+    if options.csv is not None or options.features not in ((), (name,)):
+        raise TaskError(
+            f"the {name} task has one column, {name!r}; --csv and --features are for csv"
+        )
+    if options.target not in (None, name):
+        raise TaskError(f"the {name} task forecasts {name!r}, not {options.target!r}")
+    options = replace(options, features=(name,), target=name)
+    step, unit = what.rsplit(" ", 1)[-1], "change" if options.difference else "value"
+    description = f"{what}: forecast the {unit} {options.horizon} {step}(s) ahead"
+    saved = _series_options(options)
+    return series_task(name, description, {name: values}, options, name, saved)
+
+
 def co2_task(options: TaskOptions) -> SeriesTask:
     """Next-week forecasting of the Mauna Loa CO2 series (statsmodels.datasets.co2)."""
-    if options.csv is not None or options.features not in ((), ("co2",)):
-        raise TaskError("the co2 task has one column, 'co2'; --csv and --features are for csv")
-    if options.target not in (None, "co2"):
-        raise TaskError(f"the co2 task forecasts 'co2', not {options.target!r}")
-    options = replace(options, features=("co2",), target="co2")
-    what = "weekly change" if options.difference else "value"
-    description = (
-        f"Mauna Loa weekly CO2 (ppm, statsmodels.datasets.co2): forecast the {what} "
-        f"{options.horizon} week(s) ahead"
-    )
-    saved = _series_options(options)
-    return series_task("co2", description, {"co2": load_co2()}, options, "co2", saved)
+    what = "Mauna Loa weekly CO2 (ppm, statsmodels.datasets.co2), by week"
+    return bundled_task("co2", load_co2(), options, what)
+
+
+def load_sunspots() -> np.ndarray:
+    """Yearly mean sunspot numbers, 1700-2008 (309 values, statsmodels.datasets.sunspots)."""
+    from statsmodels.datasets import sunspots  # a slow import, only for this task
+
+    frame = sunspots.load_pandas().data
+    values: np.ndarray = frame["SUNACTIVITY"].to_numpy(dtype=np.float64)
+    return values
+
+
+def sunspots_task(options: TaskOptions) -> SeriesTask:
+    """Next-year forecasting of the yearly sunspot numbers (statsmodels.datasets.sunspots).
+
+    A classic nonlinear series: the cycles rise faster than they fall and vary in height, which
+    linear autoregressions miss (Tong & Lim 1980 fitted threshold models to it).
+    """
+    what = "Yearly sunspot numbers 1700-2008 (statsmodels.datasets.sunspots), by year"
+    return bundled_task("sunspots", load_sunspots(), options, what)
