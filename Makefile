@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint system-packages clean default-model
+.PHONY: venv serve test lint system-packages clean default-model grpc-stubs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ system-packages:
 
 test: system-packages lint
 	$(BIN)/python -m pytest
+
+# The gRPC modules in service/grpc/proto from its .proto files (committed; a test checks they match).
+grpc-stubs: venv
+	$(BIN)/python -m service.grpc.proto.generate
 
 default-model: venv
 	$(BIN)/python -m training train --cell gru --task co2 --difference --hidden-size 48 --num-layers 1 \
