@@ -24,6 +24,7 @@ from service.engine.runtime import ModelRuntime
 from service.engine.sessions import SessionManager
 from service.engine.state_pool import SlotPool, StatePool
 from service.engine.store import make_store
+from service.grpc import server as grpc_server
 from service.settings import Settings
 from service.v2 import routes as v2_routes
 from service.v2.sequences import SequenceTable
@@ -53,9 +54,12 @@ def create_app(settings: Settings) -> FastAPI:
             await store.start()
         loader = asyncio.create_task(load_models(settings, dataplane, executor), name="load")
         sessions.start_sweeper()
+        grpc_endpoint = None
         try:
+            grpc_endpoint = await grpc_server.start(app, settings)
             yield
         finally:
+            await grpc_server.stop(grpc_endpoint, settings.shutdown_timeout_s)
             # uvicorn has stopped accepting and waited for open requests; let what is still
             # queued finish (and be stored) before the batchers stop.
             loader.cancel()

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     """Connect and reply timeout for Redis; past it a request fails with 503."""
     shutdown_timeout_s: int = Field(default=10, ge=0)
     """On SIGTERM, seconds for requests and batches in flight to finish; then they are cancelled."""
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """TCP port of the KServe V2 / Triton gRPC endpoint, on the same host and in the same process
+    as HTTP; 0 = no gRPC."""
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod
@@ -116,6 +119,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) must not exceed "
                 f"max_queue_depth ({self.max_queue_depth})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_port_is_not_the_http_port(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port ({self.grpc_port}) must differ from port; 0 turns gRPC off"
             )
         return self
 
