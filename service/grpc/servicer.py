@@ -174,8 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.ensure_future(stream.read(requests))
         self._readers.add(reader)
         try:
-            await asyncio.wait((reader,))
-            await stream.drain()
+            await stream.write()
         except asyncio.CancelledError:  # the client cancelled: finish what was read, unseen
             reader.cancel()
             self._finish_in_background(stream)
