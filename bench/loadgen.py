@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,11 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import orjson
 from websockets.asyncio.client import connect
 
+from service.grpc.proto import grpc_service_pb2 as pb
+from service.grpc.proto import grpc_service_pb2_grpc as pb_grpc
 from training import timing
 
 HOST = "127.0.0.1"
@@ -260,6 +264,112 @@ async def run_http_session(
         await http.close()
 
 
+class GrpcStream:
+    """One ``ModelStreamInfer`` call shared by several sessions, each with one request in flight.
+
+    Requests carry the session's seed as their id; the reader hands each response to the session
+    waiting on that id.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self.call = stub.ModelStreamInfer()
+        self.waiting: dict[str, asyncio.Future[pb.ModelStreamInferResponse]] = {}
+        self.write_lock = asyncio.Lock()  # one message in flight per call
+        self.reader = asyncio.create_task(self._read())
+
+    async def request(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        answer: asyncio.Future[pb.ModelStreamInferResponse]
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting[request.id] = answer
+        async with self.write_lock:
+            await self.call.write(request)
+        response = await answer
+        if response.error_message:
+            raise RuntimeError(f"error reply: {response.error_message}")
+        return response.infer_response
+
+    async def _read(self) -> None:
+        try:
+            async for response in self.call:
+                self.waiting.pop(response.infer_response.id).set_result(response)
+        except Exception as exc:  # the stream failed: every waiting session fails with it
+            for answer in self.waiting.values():
+                if not answer.done():
+                    answer.set_exception(exc)
+
+    async def close(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.call.done_writing()
+        await self.reader
+        await self.channel.close()
+
+
+class GrpcStreams:
+    """A drive's streams: session ``i`` uses stream ``i // per_stream``, opened on first use."""
+
+    def __init__(self, port: int, per_stream: int) -> None:
+        self.port, self.per_stream = port, per_stream
+        self.streams: dict[int, GrpcStream] = {}
+
+    def of(self, index: int) -> GrpcStream:
+        key = index // self.per_stream
+        if key not in self.streams:
+            self.streams[key] = GrpcStream(self.port)
+        return self.streams[key]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(stream.close() for stream in self.streams.values()))
+
+
+def grpc_step(model: str, seed: int, row: np.ndarray, start: bool) -> pb.ModelInferRequest:
+    """One step of the session's sequence (id: its seed + 1), asking for ``y`` only."""
+    request = pb.ModelInferRequest(model_name=model, id=str(seed))
+    request.inputs.add(name="x", datatype="FP32", shape=(1, 1, row.size))
+    request.raw_input_contents.append(np.ascontiguousarray(row, "<f4").tobytes())
+    request.outputs.add(name="y")
+    request.parameters["sequence_id"].uint64_param = seed + 1
+    if start:
+        request.parameters["sequence_start"].bool_param = True
+    return request
+
+
+def check_grpc_reply(response: pb.ModelInferResponse, expected_steps: int) -> list[float]:
+    step_count = response.parameters["step_count"].int64_param
+    if step_count != expected_steps:
+        raise RuntimeError(f"step_count {step_count}, expected {expected_steps}")
+    return [float(v) for v in np.frombuffer(response.raw_output_contents[0], "<f4")]
+
+
+async def run_grpc_session(
+    stream: GrpcStream,
+    model: str,
+    run: SessionRun,
+    input_size: int,
+    ready: asyncio.Event,
+    clock: Clock,
+) -> None:
+    """A sequence on a shared stream; after the window one more step ends the sequence."""
+    rows = session_inputs(run.seed, input_size)
+    try:
+        await stream.channel.channel_ready()
+        ready.set()
+        await clock.started.wait()
+        while True:
+            running = clock.running()
+            request = grpc_step(model, run.seed, next(rows), start=not run.outputs)
+            request.parameters["sequence_end"].bool_param = not running
+            sent = time.perf_counter()
+            response = await stream.request(request)
+            clock.record(run, sent, check_grpc_reply(response, len(run.outputs) + 1))
+            if not running:
+                return
+    except Exception as exc:  # every failure is counted and reported, never fatal to the run
+        run.error = f"{type(exc).__name__}: {exc}"
+        ready.set()
+
+
 class Clock:
     """The shared run window: sessions step while it runs and stamp every reply."""
 
@@ -297,6 +407,8 @@ class DriveSpec:
     duration: float
     warmup: float  # seconds at the start that are not counted
     server_pid: int | None  # whose CPU time is sampled over the counted window, if known
+    grpc_port: int = 0  # the service's gRPC port (mode grpc)
+    per_stream: int = 16  # sessions sharing one gRPC stream (mode grpc)
 
 
 @dataclass
@@ -332,8 +444,12 @@ async def drive(spec: DriveSpec, barrier: Any = None) -> Drive:
     clock, all_open = Clock(spec.duration), asyncio.Event()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)  # bounds the connections being opened at once
     opening = len(runs)
+    streams = GrpcStreams(spec.grpc_port, spec.per_stream) if spec.mode == "grpc" else None
 
     def session(run: SessionRun, ready: asyncio.Event) -> Coroutine[Any, Any, None]:
+        if streams is not None:
+            stream = streams.of(spec.seeds.index(run.seed))
+            return run_grpc_session(stream, spec.model, run, spec.input_size, ready, clock)
         if spec.mode == "ws":
             url = f"ws://{HOST}:{spec.port}/v1/stream?model={spec.model}"
             return run_ws_session(url, run, spec.input_size, ready, clock)
@@ -357,6 +473,8 @@ async def drive(spec: DriveSpec, barrier: Any = None) -> Drive:
     clock.begin()
     result = Drive(runs)
     await asyncio.gather(sample_cpu(spec, clock, result), *tasks)
+    if streams is not None:
+        await streams.close()
     return result
 
 
@@ -415,6 +533,7 @@ class Server:
     process: subprocess.Popen[bytes] | None
     port: int
     log: Path | None
+    grpc_port: int = 0  # 0: no gRPC
 
     def get_json(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://{HOST}:{self.port}{path}", timeout=10) as response:
@@ -430,14 +549,16 @@ class Server:
 
 
 @contextmanager
-def start_server(command: list[str], env: dict[str, str], port: int) -> Iterator[Server]:
+def start_server(
+    command: list[str], env: dict[str, str], port: int, grpc_port: int = 0
+) -> Iterator[Server]:
     """Start a server subprocess, wait until /health/ready answers, stop it on exit."""
     with tempfile.NamedTemporaryFile(prefix="loadgen-server-", suffix=".log", delete=False) as log:
         process = subprocess.Popen(
             command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
         )
     log_path = Path(log.name)
-    server = Server(process, port, log_path)
+    server = Server(process, port, log_path, grpc_port)
     try:
         _wait_ready(server, process, log_path)
         yield server
@@ -466,7 +587,8 @@ def _wait_ready(
     sys.exit(f"error: server not ready after {timeout:g} s:\n{log.read_text()[-3000:]}")
 
 
-def service_command(model: Model, port: int) -> list[str]:
+def service_command(model: Model, port: int, grpc_port: int = 0) -> list[str]:
+    """``python -m service`` on ``port``; gRPC on ``grpc_port`` (0: off, so 8001 is never taken)."""
     return [
         sys.executable,
         "-m",
@@ -475,6 +597,8 @@ def service_command(model: Model, port: int) -> list[str]:
         HOST,
         "--port",
         str(port),
+        "--grpc-port",
+        str(grpc_port),
         "--models-dir",
         str(model.models_dir),
     ]
@@ -583,6 +707,9 @@ def count_mismatches(
 def measure(target: str, server: Server, model: Model, args: argparse.Namespace) -> list[Row]:
     rows = []
     for mode in args.modes:
+        if mode == "grpc" and not server.grpc_port:
+            print(f"{target:<8}{mode:<6} skipped: no gRPC port given (--grpc-port)", flush=True)
+            continue
         for sessions in args.sessions:
             seeds = list(range(1000 * sessions, 1000 * sessions + sessions))
             spec = DriveSpec(
@@ -594,6 +721,8 @@ def measure(target: str, server: Server, model: Model, args: argparse.Namespace)
                 duration=args.duration,
                 warmup=args.warmup,
                 server_pid=server.process.pid if server.process else None,
+                grpc_port=server.grpc_port,
+                per_stream=args.grpc_sessions_per_stream,
             )
             before = batch_counters(server) if target != "echo" else (0, 0)
             drive = drive_all(spec, args.processes)
@@ -664,6 +793,7 @@ async def _open_idle_sessions(port: int, model: Model, count: int, connections: 
 HEADER = (
     f"{'target':<8}{'mode':<6}{'sessions':>9}{'steps/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
     f"{'errors':>8}{'mismatch':>10}{'checked':>10}{'gen cpu':>9}{'srv cpu':>9}{'batch':>7}"
+    f"{'srv us/step':>12}"
 )
 
 
@@ -672,7 +802,13 @@ def format_row(row: Row) -> str:
         f"{row.target:<8}{row.mode:<6}{row.sessions:>9}{row.steps_per_s:>11,.0f}"
         f"{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}{row.mismatches:>10}{row.steps:>10,}"
         f"{row.generator_cpu:>9.2f}{_number(row.server_cpu, 9, 2)}{_number(row.mean_batch, 7, 1)}"
+        f"{_number(server_us_per_step(row), 12, 1)}"
     )
+
+
+def server_us_per_step(row: Row) -> float:
+    """Server CPU time per answered step over the counted window, in microseconds."""
+    return row.server_cpu / row.steps_per_s * 1e6 if row.steps_per_s else math.nan
 
 
 def _number(value: float, width: int, decimals: int) -> str:
@@ -715,7 +851,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sessions", default="256,1024", help="comma-separated session counts")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds not counted")
-    parser.add_argument("--modes", default="ws,http", help="ws, http or both")
+    parser.add_argument("--modes", default="ws,http", help="comma-separated: ws, http, grpc")
+    parser.add_argument(
+        "--grpc-sessions-per-stream",
+        type=int,
+        default=16,
+        help="sessions sharing one gRPC stream (mode grpc; one stream per 16 sessions by default)",
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, default=8001, help="gRPC port of the service given by --port"
+    )
     parser.add_argument("--targets", default="on,off,echo", help="on, off, echo or none")
     parser.add_argument(
         "--port", type=int, help="measure a service already running on 127.0.0.1:PORT instead"
@@ -746,8 +891,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.server_env = dict(item.split("=", 1) for item in args.server_env)
     if args.port and args.models_dir is None:
         parser.error("--port needs --models-dir: the reference runs on the served model files")
-    if set(args.modes) - {"ws", "http"} or set(args.targets) - {"on", "off", "echo"}:
-        parser.error("--modes takes ws,http; --targets takes on,off,echo or none")
+    if set(args.modes) - {"ws", "http", "grpc"} or set(args.targets) - {"on", "off", "echo"}:
+        parser.error("--modes takes ws,http,grpc; --targets takes on,off,echo or none")
+    if args.grpc_sessions_per_stream < 1:
+        parser.error("--grpc-sessions-per-stream must be at least 1")
     return args
 
 
@@ -771,7 +918,7 @@ def run_all(model: Model, args: argparse.Namespace) -> None:
     if args.server_env:
         print("service settings: " + " ".join(f"{k}={v}" for k, v in args.server_env.items()))
     if args.port:
-        server = Server(None, args.port, None)
+        server = Server(None, args.port, None, args.grpc_port)
         print(f"live: service on port {args.port}, provider in use {provider_in_use(server)}")
         print(HEADER, flush=True)
         rows = measure("live", server, model, args)
@@ -779,13 +926,14 @@ def run_all(model: Model, args: argparse.Namespace) -> None:
     max_sessions = len(args.modes) * sum(args.sessions) + args.memory + 1000
     rows = []
     for target in args.targets:
-        port = free_port()
+        port, grpc_port = free_port(), free_port() if "grpc" in args.modes else 0
         if target == "echo":
             command, env = [sys.executable, str(ECHO_SERVER), "--port", str(port)], {}
+            command += ["--grpc-port", str(grpc_port)]
         else:
-            command = service_command(model, port)
+            command = service_command(model, port, grpc_port)
             env = service_env(target == "on", args.gpu, max_sessions) | args.server_env
-        with start_server(command, env, port) as server:
+        with start_server(command, env, port, grpc_port) as server:
             if target != "echo":
                 print(f"{target}: provider in use {provider_in_use(server)}", flush=True)
             if not rows:
