@@ -47,7 +47,7 @@ COPY --from=build /opt/venv /opt/venv
 # The default model; mount a folder on /models to serve others.
 COPY models/co2-forecaster/1 /models/co2-forecaster/1
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health/ready' % os.environ.get('RNNSERVE_PORT', '8000'), timeout=2)"]
 STOPSIGNAL SIGTERM
