@@ -37,6 +37,7 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Rpc = Callable[[Any, Request, Any], Coroutine[Any, Any, Response]]
 
+ModelRequest = pb.ModelReadyRequest | pb.ModelMetadataRequest | pb.ModelConfigRequest
 SHUTTING_DOWN = "the server is shutting down; open a new stream (to another replica) and resume"
 
 
@@ -97,6 +98,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return identify(self._settings.api_keys, authorization)
 
+    def _version_asked(self, request: ModelRequest, context: Any) -> int | None:
+        """Check the caller's key, then read the request's model version (empty: None)."""
+        self._caller(context)
+        return codec.model_version(request.version)
+
     # -- health and metadata ----------------------------------------------------------------
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Any
@@ -120,8 +126,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelReadyRequest, context: Any
     ) -> pb.ModelReadyResponse:
         """Ready false (not NOT_FOUND) for an unknown model or version, as Triton answers."""
-        self._caller(context)
-        version = codec.model_version(request.version)
+        version = self._version_asked(request, context)
         try:
             self._dataplane.model(request.name, version)
         except (NotFound, NotReady):
@@ -132,16 +137,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
-        self._caller(context)
-        version = codec.model_version(request.version)
+        version = self._version_asked(request, context)
         return codec.model_metadata(describe.model_metadata(self._dataplane, request.name, version))
 
     @reported
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
-        self._caller(context)
-        version = codec.model_version(request.version)
+        version = self._version_asked(request, context)
         config = describe.model_config(self._dataplane, self._settings, request.name, version)
         return pb.ModelConfigResponse(config=codec.model_config(config))
 
