@@ -225,7 +225,6 @@ def make_settings(models_dir: Path, **overrides: Any) -> Settings:
         "max_steps_per_chunk": 64,
         "max_request_bytes": 64 * 1024,
         "max_sessions": 1000,
-        "grpc_port": 0,  # the default 8001 may be taken; gRPC tests pass a free port
         **overrides,
     }
     return Settings(**values)

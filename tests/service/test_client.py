@@ -70,7 +70,6 @@ def running_server(models_dir: Path, **settings: str) -> Iterator[str]:
         "RNNSERVE_MODELS_DIR": str(models_dir),
         "RNNSERVE_PROVIDERS": "CPUExecutionProvider",
         "RNNSERVE_LOG_LEVEL": "warning",
-        "RNNSERVE_GRPC_PORT": "0",  # the default 8001 may be taken
     }
     env |= {f"RNNSERVE_{name.upper()}": value for name, value in settings.items()}
     log = models_dir.parent / f"server-{port}.log"

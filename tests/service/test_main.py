@@ -28,7 +28,6 @@ def process(models_dir: Path, unused_port: int) -> Iterator[tuple[subprocess.Pop
         "RNNSERVE_LOG_LEVEL": "warning",
     }
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)]
-    command += ["--grpc-port", "0"]  # the default 8001 may be taken (see test_grpc.py)
     proc = subprocess.Popen([*command, "--models-dir", str(models_dir)], env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

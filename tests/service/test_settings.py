@@ -81,6 +81,7 @@ def test_cli_exits_with_a_readable_message(tmp_path: Path) -> None:
 def test_grpc_port_defaults_to_8001_and_zero_turns_it_off(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.delenv("RNNSERVE_GRPC_PORT")  # tests/conftest.py turns gRPC off for the run
     assert Settings(models_dir=tmp_path).grpc_port == 8001
     monkeypatch.setenv("RNNSERVE_GRPC_PORT", "0")
     assert settings_from_args(["--models-dir", str(tmp_path)]).grpc_port == 0

@@ -92,7 +92,6 @@ class ServiceProcess:
             "redis-url": redis_url,
             "log-level": "warning",
             "intra-op-threads": 1,
-            "grpc-port": 0,  # the default 8001 may be taken
             **{k.replace("_", "-"): v for k, v in settings.items()},
         }
         self.command = [sys.executable, "-m", "service"]

@@ -52,7 +52,6 @@ async def test_steps_of_one_batch_share_one_pipeline(
     settings = Settings(
         models_dir=models_dir,
         providers=["CPUExecutionProvider"],
-        grpc_port=0,
         **redis_settings(redis_server),
     )
     app = create_app(settings)
