@@ -3,7 +3,9 @@
 - 400, 413, 422: INVALID_ARGUMENT
 - 401: UNAUTHENTICATED
 - 404: NOT_FOUND
+- 408: DEADLINE_EXCEEDED (the request did not arrive in time)
 - 409: ABORTED (a conflict: the session moved on or was taken over; re-read and retry)
+- 429: RESOURCE_EXHAUSTED (a per-key quota)
 - 503 for ``max_sessions`` reached: RESOURCE_EXHAUSTED (a quota: retrying helps only once
   sessions end or expire)
 - 503 otherwise (not ready, queue full, store unreachable): UNAVAILABLE (transient: retry with
@@ -24,9 +26,11 @@ BY_HTTP_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     409: grpc.StatusCode.ABORTED,
     413: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
 }

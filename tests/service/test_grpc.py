@@ -520,6 +520,20 @@ ERRORS = [
 ]
 
 
+class _Quota(errors.ServiceError):
+    status_code = 429  # as a per-key session quota
+
+
+class _Late(errors.ServiceError):
+    status_code = 408  # as a request body that did not arrive in time
+
+
+ERRORS += [
+    pytest.param(_Quota("this key holds 3 sessions"), "RESOURCE_EXHAUSTED", id="429"),
+    pytest.param(_Late("too slow"), "DEADLINE_EXCEEDED", id="408"),
+]
+
+
 @pytest.fixture
 async def fake_server(tmp_path: Path) -> Any:
     """``start(infer)``: a gRPC server in this loop whose inference is ``infer``; its client."""
