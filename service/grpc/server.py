@@ -66,7 +66,12 @@ async def start(app: FastAPI, settings: Settings) -> GrpcServer | None:
     try:
         server.add_insecure_port(where)
     except RuntimeError as exc:
-        raise GrpcPortUnavailable(where, str(exc)) from None
+        if "grpc_port" in settings.model_fields_set:  # asked for: serving without it is wrong
+            raise GrpcPortUnavailable(where, str(exc)) from None
+        # The default port is taken (say, by a second service on another --port): serve HTTP.
+        logger.warning("%s; serving without gRPC", GrpcPortUnavailable(where, str(exc)))
+        await server.stop(None)
+        return None
     await server.start()
     logger.info("serving KServe V2 gRPC on %s", where)
     return GrpcServer(server, servicer, where)

@@ -7,6 +7,8 @@ The live server runs uvicorn on uvloop in a thread; the gRPC server runs in its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import queue
 import socket
 from collections.abc import Callable, Iterator
@@ -684,6 +686,30 @@ def test_shutdown_answers_what_a_stream_sent_then_ends_it(
     assert "shutting down" in error.message()
     client.stop_stream()
     client.close()
+
+
+@contextlib.contextmanager
+def _taken(port: int) -> Iterator[None]:
+    """Hold ``port`` on the loopback interface (if another process holds it, it is taken too)."""
+    with socket.socket() as sock:
+        with contextlib.suppress(OSError):
+            sock.bind((HOST, port))
+            sock.listen()
+        yield
+
+
+async def test_a_taken_default_port_leaves_grpc_off_with_a_warning(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("RNNSERVE_GRPC_PORT")  # tests/conftest.py turns gRPC off for the run
+    settings = Settings(models_dir=models_dir, host=HOST)
+    assert settings.grpc_port == 8001 and "grpc_port" not in settings.model_fields_set
+    app = create_app(settings)
+    with _taken(8001), caplog.at_level(logging.WARNING, logger="service.grpc.server"):
+        async with app.router.lifespan_context(app):
+            pass
+    assert f"cannot serve gRPC on {HOST}:8001" in caplog.text
+    assert "serving without gRPC" in caplog.text
 
 
 async def test_a_taken_port_stops_the_startup_with_a_clear_message(models_dir: Path) -> None:
