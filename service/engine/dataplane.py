@@ -423,9 +423,9 @@ class DataPlane:
             )
         if len(raw) > self.max_steps_per_chunk:
             raise ChunkTooLarge(f"'{where}'", len(raw), self.max_steps_per_chunk)
-        finite = np.isfinite(raw)
-        if not finite.all():  # argwhere only on failure: it costs more than the check
-            t, j = np.argwhere(~finite)[0]
+        bad = np.argwhere(~np.isfinite(raw))
+        if bad.size:
+            t, j = bad[0]
             raise BadRequest(_not_finite(where, t, j, repr(float(raw[t, j]))))
         return raw
 
