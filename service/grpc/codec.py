@@ -149,7 +149,8 @@ def fill_response(
     target.model_version = str(result.model.version)
     target.id = request.id
     for key, value in result.parameters.items():
-        set_parameter(target.parameters[key], value)
+        if value is not None:  # a parameter without a value is left out, not sent as "None"
+            set_parameter(target.parameters[key], value)
     for name, array in result.outputs:
         data = np.ascontiguousarray(array, dtype="<f4")
         target.outputs.add(name=name, datatype="FP32", shape=data.shape)
