@@ -793,7 +793,6 @@ async def _open_idle_sessions(port: int, model: Model, count: int, connections: 
 HEADER = (
     f"{'target':<8}{'mode':<6}{'sessions':>9}{'steps/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
     f"{'errors':>8}{'mismatch':>10}{'checked':>10}{'gen cpu':>9}{'srv cpu':>9}{'batch':>7}"
-    f"{'srv us/step':>12}"
 )
 
 
@@ -802,13 +801,7 @@ def format_row(row: Row) -> str:
         f"{row.target:<8}{row.mode:<6}{row.sessions:>9}{row.steps_per_s:>11,.0f}"
         f"{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}{row.mismatches:>10}{row.steps:>10,}"
         f"{row.generator_cpu:>9.2f}{_number(row.server_cpu, 9, 2)}{_number(row.mean_batch, 7, 1)}"
-        f"{_number(server_us_per_step(row), 12, 1)}"
     )
-
-
-def server_us_per_step(row: Row) -> float:
-    """Server CPU time per answered step over the counted window, in microseconds."""
-    return row.server_cpu / row.steps_per_s * 1e6 if row.steps_per_s else math.nan
 
 
 def _number(value: float, width: int, decimals: int) -> str:
