@@ -25,8 +25,10 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
 import tritonclient.http as triton_http
 from loopback import HOST, free_port
+from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
+from service.__main__ import settings_from_args
 from service.app import create_app
 from service.engine import errors
 from service.engine.store.errors import StoreUnavailable
@@ -656,6 +658,21 @@ def test_sequences_are_scoped_per_key(make_endpoints: Callable[..., Endpoints]) 
 
 
 # -- the server's life ------------------------------------------------------------------------
+
+
+def test_grpc_port_defaults_to_8001_and_zero_turns_it_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("RNNSERVE_GRPC_PORT")  # tests/conftest.py turns gRPC off for the run
+    assert Settings(models_dir=tmp_path).grpc_port == 8001
+    monkeypatch.setenv("RNNSERVE_GRPC_PORT", "0")
+    assert settings_from_args(["--models-dir", str(tmp_path)]).grpc_port == 0
+    flagged = settings_from_args(["--models-dir", str(tmp_path), "--grpc-port", "9001"])
+    assert flagged.grpc_port == 9001
+    with pytest.raises(ValidationError, match="must differ from port"):
+        Settings(models_dir=tmp_path, port=9000, grpc_port=9000)
+    with pytest.raises(ValidationError, match="less than or equal to 65535"):
+        Settings(models_dir=tmp_path, grpc_port=70000)
 
 
 def test_the_grpc_server_runs_in_uvicorns_uvloop(endpoints: Endpoints) -> None:

@@ -76,18 +76,3 @@ def test_cli_exits_with_a_readable_message(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         settings_from_args(["--models-dir", str(tmp_path), "--max-sessions", "zero"])
     assert "invalid settings" in str(info.value) and "max_sessions" in str(info.value)
-
-
-def test_grpc_port_defaults_to_8001_and_zero_turns_it_off(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.delenv("RNNSERVE_GRPC_PORT")  # tests/conftest.py turns gRPC off for the run
-    assert Settings(models_dir=tmp_path).grpc_port == 8001
-    monkeypatch.setenv("RNNSERVE_GRPC_PORT", "0")
-    assert settings_from_args(["--models-dir", str(tmp_path)]).grpc_port == 0
-    flagged = settings_from_args(["--models-dir", str(tmp_path), "--grpc-port", "9001"])
-    assert flagged.grpc_port == 9001
-    with pytest.raises(ValidationError, match="must differ from port"):
-        Settings(models_dir=tmp_path, port=9000, grpc_port=9000)
-    with pytest.raises(ValidationError, match="less than or equal to 65535"):
-        Settings(models_dir=tmp_path, grpc_port=70000)
