@@ -12,8 +12,9 @@ PORT ?= 8000
 COMMA := ,
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SERVE_EXTRAS := $(if $(filter gpu,$(GPU)),serve$(COMMA)cuda,serve)
+.PHONY: venv serve test lint system-packages clean default-model grpc-stubs
 
-.PHONY: venv serve-venv serve test lint docs system-packages clean default-model screenshot
+.PHONY: venv serve-venv serve test lint docs system-packages clean default-model screenshot grpc-stubs
 
 $(BIN)/.serve-$(GPU): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,9 @@ test: system-packages lint docs
 # The live page's picture in the docs (docs/assets/live-page.png), taken by its browser test.
 screenshot: system-packages venv
 	RNNSERVE_DOCS_ASSETS=docs/assets $(BIN)/python -m pytest tests/service/test_ui.py -q -k screenshot
+# The gRPC modules in service/grpc/proto from its .proto files (committed; a test checks they match).
+grpc-stubs: venv
+	$(BIN)/python -m service.grpc.proto.generate
 
 default-model: venv
 	$(BIN)/python -m training train --cell gru --task co2 --difference --hidden-size 48 --num-layers 1 \

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -42,11 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import orjson
 from websockets.asyncio.client import connect
 
+from service.grpc.proto import grpc_service_pb2 as pb
+from service.grpc.proto import grpc_service_pb2_grpc as pb_grpc
 from training import timing
 
 HOST = "127.0.0.1"
@@ -54,8 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ECHO_SERVER = Path(__file__).resolve().parent / "echo_server.py"
 BLOCK = 512  # input rows generated per session at a time
 CONNECT_CONCURRENCY = 64  # sessions opened at once before the run starts
-MODES = ("ws", "http", "v2", "mux")
-ECHO_MODES = ("ws", "http")  # what bench/echo_server.py speaks
+MODES = ("ws", "http", "v2", "mux", "grpc")
+ECHO_MODES = ("ws", "http", "grpc")  # what bench/echo_server.py speaks
 
 # ----------------------------------------------------------------------------- models
 
@@ -358,6 +362,112 @@ async def run_mux_group(
         run.latencies, run.replied_at = latencies, replied
 
 
+class GrpcStream:
+    """One ``ModelStreamInfer`` call shared by several sessions, each with one request in flight.
+
+    Requests carry the session's seed as their id; the reader hands each response to the session
+    waiting on that id.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.aio.insecure_channel(f"{HOST}:{port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self.call = stub.ModelStreamInfer()
+        self.waiting: dict[str, asyncio.Future[pb.ModelStreamInferResponse]] = {}
+        self.write_lock = asyncio.Lock()  # one message in flight per call
+        self.reader = asyncio.create_task(self._read())
+
+    async def request(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        answer: asyncio.Future[pb.ModelStreamInferResponse]
+        answer = asyncio.get_running_loop().create_future()
+        self.waiting[request.id] = answer
+        async with self.write_lock:
+            await self.call.write(request)
+        response = await answer
+        if response.error_message:
+            raise RuntimeError(f"error reply: {response.error_message}")
+        return response.infer_response
+
+    async def _read(self) -> None:
+        try:
+            async for response in self.call:
+                self.waiting.pop(response.infer_response.id).set_result(response)
+        except Exception as exc:  # the stream failed: every waiting session fails with it
+            for answer in self.waiting.values():
+                if not answer.done():
+                    answer.set_exception(exc)
+
+    async def close(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self.call.done_writing()
+        await self.reader
+        await self.channel.close()
+
+
+class GrpcStreams:
+    """A drive's streams: session ``i`` uses stream ``i // per_stream``, opened on first use."""
+
+    def __init__(self, port: int, per_stream: int) -> None:
+        self.port, self.per_stream = port, per_stream
+        self.streams: dict[int, GrpcStream] = {}
+
+    def of(self, index: int) -> GrpcStream:
+        key = index // self.per_stream
+        if key not in self.streams:
+            self.streams[key] = GrpcStream(self.port)
+        return self.streams[key]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(stream.close() for stream in self.streams.values()))
+
+
+def grpc_step(model: str, seed: int, row: np.ndarray, start: bool) -> pb.ModelInferRequest:
+    """One step of the session's sequence (id: its seed + 1), asking for ``y`` only."""
+    request = pb.ModelInferRequest(model_name=model, id=str(seed))
+    request.inputs.add(name="x", datatype="FP32", shape=(1, 1, row.size))
+    request.raw_input_contents.append(np.ascontiguousarray(row, "<f4").tobytes())
+    request.outputs.add(name="y")
+    request.parameters["sequence_id"].uint64_param = seed + 1
+    if start:
+        request.parameters["sequence_start"].bool_param = True
+    return request
+
+
+def check_grpc_reply(response: pb.ModelInferResponse, expected_steps: int) -> list[float]:
+    step_count = response.parameters["step_count"].int64_param
+    if step_count != expected_steps:
+        raise RuntimeError(f"step_count {step_count}, expected {expected_steps}")
+    return [float(v) for v in np.frombuffer(response.raw_output_contents[0], "<f4")]
+
+
+async def run_grpc_session(
+    stream: GrpcStream,
+    model: str,
+    run: SessionRun,
+    input_size: int,
+    ready: asyncio.Event,
+    clock: Clock,
+) -> None:
+    """A sequence on a shared stream; after the window one more step ends the sequence."""
+    rows = session_inputs(run.seed, input_size)
+    try:
+        await stream.channel.channel_ready()
+        ready.set()
+        await clock.started.wait()
+        while True:
+            running = clock.running()
+            request = grpc_step(model, run.seed, next(rows), start=not run.outputs)
+            request.parameters["sequence_end"].bool_param = not running
+            sent = time.perf_counter()
+            response = await stream.request(request)
+            clock.record(run, sent, check_grpc_reply(response, len(run.outputs) + 1))
+            if not running:
+                return
+    except Exception as exc:  # every failure is counted and reported, never fatal to the run
+        run.error = f"{type(exc).__name__}: {exc}"
+        ready.set()
+
+
 class Clock:
     """The shared run window: sessions step while it runs and stamp every reply."""
 
@@ -396,6 +506,8 @@ class DriveSpec:
     warmup: float  # seconds at the start that are not counted
     server_pid: int | None  # whose CPU time is sampled over the counted window, if known
     mux_connections: int = 1  # mux mode: the sessions are split over this many connections
+    grpc_port: int = 0  # the service's gRPC port (mode grpc)
+    per_stream: int = 16  # sessions sharing one gRPC stream (mode grpc)
 
 
 @dataclass
@@ -430,9 +542,13 @@ async def drive(spec: DriveSpec, barrier: Any = None) -> Drive:
     runs = [SessionRun(seed) for seed in spec.seeds]
     clock, all_open = Clock(spec.duration), asyncio.Event()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)  # bounds the connections being opened at once
+    streams = GrpcStreams(spec.grpc_port, spec.per_stream) if spec.mode == "grpc" else None
 
     def session(unit: list[SessionRun], ready: asyncio.Event) -> Coroutine[Any, Any, None]:
         run, n = unit[0], spec.input_size
+        if streams is not None:
+            stream = streams.of(spec.seeds.index(run.seed))
+            return run_grpc_session(stream, spec.model, run, n, ready, clock)
         if spec.mode == "ws":
             url = f"ws://{HOST}:{spec.port}/v1/stream?model={spec.model}"
             return run_ws_session(url, run, n, ready, clock)
@@ -465,6 +581,8 @@ async def drive(spec: DriveSpec, barrier: Any = None) -> Drive:
     clock.begin()
     result = Drive(runs)
     await asyncio.gather(sample_cpu(spec, clock, result), *tasks)
+    if streams is not None:
+        await streams.close()
     return result
 
 
@@ -523,6 +641,7 @@ class Server:
     process: subprocess.Popen[bytes] | None
     port: int
     log: Path | None
+    grpc_port: int = 0  # 0: no gRPC
 
     def get_json(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://{HOST}:{self.port}{path}", timeout=10) as response:
@@ -539,7 +658,7 @@ class Server:
 
 @contextmanager
 def start_server(
-    command: list[str], env: dict[str, str], port: int, root: Path = ROOT
+    command: list[str], env: dict[str, str], port: int, root: Path = ROOT, grpc_port: int = 0
 ) -> Iterator[Server]:
     """Start a server subprocess in ``root`` (a checkout), wait until /health/ready answers, stop
     it on exit."""
@@ -548,7 +667,7 @@ def start_server(
             command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, cwd=root
         )
     log_path = Path(log.name)
-    server = Server(process, port, log_path)
+    server = Server(process, port, log_path, grpc_port)
     try:
         _wait_ready(server, process, log_path)
         yield server
@@ -577,18 +696,13 @@ def _wait_ready(
     sys.exit(f"error: server not ready after {timeout:g} s:\n{log.read_text()[-3000:]}")
 
 
-def service_command(model: Model, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "service",
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--models-dir",
-        str(model.models_dir),
-    ]
+def service_command(model: Model, port: int, grpc_port: int | None = 0) -> list[str]:
+    """``python -m service`` on ``port``; gRPC on ``grpc_port`` (0: off, so 8001 is never taken;
+    None: no such flag, for a baseline older than gRPC)."""
+    command = [sys.executable, "-m", "service", "--host", HOST, "--port", str(port)]
+    if grpc_port is not None:
+        command += ["--grpc-port", str(grpc_port)]
+    return [*command, "--models-dir", str(model.models_dir)]
 
 
 def service_env(batching: bool, gpu: bool, max_sessions: int) -> dict[str, str]:
@@ -703,6 +817,9 @@ def measure(target: str, server: Server, model: Model, args: argparse.Namespace)
     for mode in args.modes:
         if target == "echo" and mode not in ECHO_MODES:
             continue
+        if mode == "grpc" and not server.grpc_port:
+            print(f"{target:<8}{mode:<6} skipped: no gRPC port given (--grpc-port)", flush=True)
+            continue
         for sessions in args.sessions:
             seeds = list(range(1000 * sessions, 1000 * sessions + sessions))
             spec = DriveSpec(
@@ -715,6 +832,8 @@ def measure(target: str, server: Server, model: Model, args: argparse.Namespace)
                 warmup=args.warmup,
                 server_pid=server.process.pid if server.process else None,
                 mux_connections=args.mux_connections,
+                grpc_port=server.grpc_port,
+                per_stream=args.grpc_sessions_per_stream,
             )
             before = batch_counters(server) if target != "echo" else (0, 0)
             drive = drive_all(spec, args.processes)
@@ -899,6 +1018,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=1, help="run the targets this many times")
     parser.add_argument(
+        "--grpc-sessions-per-stream",
+        type=int,
+        default=16,
+        help="sessions sharing one gRPC stream (mode grpc; one stream per 16 sessions by default)",
+    )
+    parser.add_argument(
+        "--grpc-port", type=int, default=8001, help="gRPC port of the service given by --port"
+    )
+    parser.add_argument(
         "--port", type=int, help="measure a service already running on 127.0.0.1:PORT instead"
     )
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
@@ -931,6 +1059,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--modes takes {','.join(MODES)}; --targets takes on,off,echo,base or none")
     if ("base" in args.targets) != (args.baseline is not None):
         parser.error("target 'base' and --baseline go together")
+    if args.grpc_sessions_per_stream < 1:
+        parser.error("--grpc-sessions-per-stream must be at least 1")
     return args
 
 
@@ -954,7 +1084,7 @@ def run_all(model: Model, args: argparse.Namespace) -> None:
     if args.server_env:
         print("service settings: " + " ".join(f"{k}={v}" for k, v in args.server_env.items()))
     if args.port:
-        server = Server(None, args.port, None)
+        server = Server(None, args.port, None, args.grpc_port)
         print(f"live: service on port {args.port}, provider in use {provider_in_use(server)}")
         print(HEADER, flush=True)
         rows = measure("live", server, model, args)
@@ -962,16 +1092,18 @@ def run_all(model: Model, args: argparse.Namespace) -> None:
     max_sessions = len(args.modes) * sum(args.sessions) + args.memory + 1000
     rows = []
     for target in args.targets * args.rounds:  # rounds interleave the targets: A B A B
-        port = free_port()
+        port, grpc_port = free_port(), free_port() if "grpc" in args.modes else 0
         root = ROOT
         if target == "echo":
             command, env = [sys.executable, str(ECHO_SERVER), "--port", str(port)], {}
+            command += ["--grpc-port", str(grpc_port)]
         else:
-            command = service_command(model, port)
+            command = service_command(model, port, None if target == "base" else grpc_port)
             env = service_env(target != "off", args.gpu, max_sessions) | args.server_env
             if target == "base":  # the same service from another checkout, e.g. an older commit
                 root, env = args.baseline, env | {"PYTHONPATH": str(args.baseline)}
-        with start_server(command, env, port, root) as server:
+        served_grpc = 0 if target == "base" else grpc_port
+        with start_server(command, env, port, root, served_grpc) as server:
             if target != "echo":
                 print(f"{target}: provider in use {provider_in_use(server)}", flush=True)
             if not rows:

@@ -21,6 +21,7 @@ from service.engine.metrics import Metrics
 from service.engine.sequences import MemorySequences, StoredSequences
 from service.engine.sessions import SessionManager
 from service.engine.store import make_store
+from service.grpc import server as grpc_server
 from service.mux import endpoint as mux_endpoint
 from service.settings import Settings
 from service.ui.files import mount_ui
@@ -79,9 +80,12 @@ def create_app(settings: Settings) -> FastAPI:
         models.start()
         sessions.start_sweeper()
         dataplane.start_keepalive()
+        grpc_endpoint = None
         try:
+            grpc_endpoint = await grpc_server.start(app, settings)
             yield
         finally:
+            await grpc_server.stop(grpc_endpoint, settings.shutdown_timeout_s)
             # uvicorn has stopped accepting and waited for open requests; let what is still
             # queued finish (and be stored) before the batchers stop.
             await models.stop_control()

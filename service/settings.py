@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     cuda_tf32: bool = False
     """Let the CUDA provider compute float32 matmuls in TF32 (faster on Ampere and newer, about
     1e-3 relative error); off, outputs equal the CPU provider's to about 1e-5."""
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    """TCP port of the KServe V2 / Triton gRPC endpoint, on the same host and in the same process
+    as HTTP; 0 = no gRPC."""
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod
@@ -147,6 +150,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) must not exceed "
                 f"max_queue_depth ({self.max_queue_depth})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_port_is_not_the_http_port(self) -> Settings:
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(
+                f"grpc_port ({self.grpc_port}) must differ from port; 0 turns gRPC off"
             )
         return self
 
