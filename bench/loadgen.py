@@ -926,7 +926,7 @@ async def _open_idle_sessions(port: int, model: Model, count: int, connections: 
 
 HEADER = (
     f"{'target':<8}{'mode':<6}{'sessions':>9}{'steps/s':>11}{'p50 ms':>9}{'p99 ms':>9}"
-    f"{'errors':>8}{'mismatch':>10}{'checked':>10}{'gen cpu':>9}{'srv cpu':>9}{'us/step':>9}"
+    f"{'errors':>8}{'mismatch':>10}{'checked':>13}{'gen cpu':>9}{'srv cpu':>9}{'us/step':>9}"
     f"{'batch':>7}"
 )
 
@@ -934,7 +934,7 @@ HEADER = (
 def format_row(row: Row) -> str:
     return (
         f"{row.target:<8}{row.mode:<6}{row.sessions:>9}{row.steps_per_s:>11,.0f}"
-        f"{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}{row.mismatches:>10}{row.steps:>10,}"
+        f"{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}{row.mismatches:>10}{row.steps:>13,}"
         f"{row.generator_cpu:>9.2f}{_number(row.server_cpu, 9, 2)}"
         f"{_number(row.server_us_per_step, 9, 1)}{_number(row.mean_batch, 7, 1)}"
     )

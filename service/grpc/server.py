@@ -46,13 +46,15 @@ def address(host: str, port: int) -> str:
 async def start(app: FastAPI, settings: Settings) -> GrpcServer | None:
     """Serve ``inference.GRPCInferenceService`` on ``settings.grpc_port``; None when it is 0.
 
-    Needs ``app.state.dataplane`` and ``app.state.v2_sequences`` (the HTTP V2 routes' table, so a
-    sequence can be stepped over either protocol).
+    Needs ``app.state.dataplane``, ``app.state.v2_sequences`` (the HTTP V2 routes' table, so a
+    sequence can be stepped over either protocol) and ``app.state.model_manager``.
     """
     if not settings.grpc_port:
         return None
     infer = functools.partial(run_infer, app.state.dataplane, app.state.v2_sequences)
-    servicer = InferenceServicer(app.state.dataplane, infer, settings, app.version)
+    servicer = InferenceServicer(
+        app.state.dataplane, infer, settings, app.version, app.state.model_manager
+    )
     server = grpc.aio.server(
         options=[
             # the same limit as an HTTP body; larger messages fail with RESOURCE_EXHAUSTED

@@ -19,6 +19,7 @@ import grpc
 from service.api.auth import identify
 from service.engine.dataplane import DataPlane
 from service.engine.errors import NotFound, NotReady, ServiceError
+from service.engine.manager import ModelManager
 from service.grpc import codec
 from service.grpc.proto import grpc_service_pb2 as pb
 from service.grpc.proto import grpc_service_pb2_grpc as pb_grpc
@@ -73,9 +74,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The RPCs rnnserve serves; the others answer UNIMPLEMENTED."""
 
     def __init__(
-        self, dataplane: DataPlane, infer: Infer, settings: Settings, version: str
+        self,
+        dataplane: DataPlane,
+        infer: Infer,
+        settings: Settings,
+        version: str,
+        manager: ModelManager | None = None,
     ) -> None:
         self._dataplane = dataplane
+        self._manager = manager  # None: the repository RPCs answer UNIMPLEMENTED
         self._infer = infer
         self._settings = settings
         self._version = version
@@ -147,6 +154,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = self._version_asked(request, context)
         config = describe.model_config(self._dataplane, self._settings, request.name, version)
         return pb.ModelConfigResponse(config=codec.model_config(config))
+
+    # -- the model repository (Triton's extension; HTTP's /v2/repository) ----------------------
+    @reported
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        manager = await self._repository(context)
+        entries = describe.repository_index(manager.index(ready_only=request.ready))
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**entry) for entry in entries]
+        )
+
+    @reported
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        manager = await self._repository(context)
+        describe.check_load_parameters(request.parameters.keys())
+        await manager.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @reported
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        manager = await self._repository(context)
+        await manager.unload(request.model_name)  # unload_dependents: nothing depends on a model
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _repository(self, context: Any) -> ModelManager:
+        """Check the caller's key; the model manager (UNIMPLEMENTED when there is none)."""
+        self._caller(context)
+        if self._manager is None:
+            await abort(context, grpc.StatusCode.UNIMPLEMENTED, "no model repository here")
+        return self._manager
 
     # -- inference --------------------------------------------------------------------------
     @reported

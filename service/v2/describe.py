@@ -9,9 +9,11 @@ on those inputs; a protobuf front end drops it, as its ``TensorMetadata`` has no
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from service.engine.dataplane import DataPlane
+from service.engine.errors import BadRequest
 from service.engine.manager import IndexEntry
 from service.engine.models import ServedModel
 from service.settings import Settings
@@ -100,6 +102,16 @@ def model_config(
             "provider": {"string_value": model.provider},
         },
     }
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """Refuse Triton's load parameters that override the model's files (``config``, ``file:``)."""
+    unsupported = sorted(p for p in names if p == "config" or p.startswith("file:"))
+    if unsupported:
+        raise BadRequest(
+            f"load parameter {unsupported[0]!r} is not supported: the service loads the files "
+            "in the model's folder (metadata.json and model.onnx)"
+        )
 
 
 def repository_index(entries: list[IndexEntry]) -> list[dict[str, str]]:

@@ -52,13 +52,7 @@ async def load(name: str, request: Request, manager: Manager) -> Response:
     """Load or reload the model from its folder (``--model-control-mode explicit`` only): new
     versions load, changed ones reload, removed ones unload; a broken version is refused with its
     reason (400) while the others serve."""
-    parameters = _parameters(await _body(request))
-    unsupported = sorted(p for p in parameters if p == "config" or p.startswith("file:"))
-    if unsupported:
-        raise BadRequest(
-            f"load parameter {unsupported[0]!r} is not supported: the service loads the files "
-            "in the model's folder (metadata.json and model.onnx)"
-        )
+    describe.check_load_parameters(_parameters(await _body(request)))
     await manager.load(name)
     return Response(status_code=200)
 

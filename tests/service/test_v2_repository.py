@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from loopback import HOST, free_port
 from model_files import break_sha
 from tritonclient.utils import InferenceServerException
 
@@ -169,3 +171,94 @@ def test_api_keys_guard_the_repository_api(
 
 def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def grpc_client(explicit_server: Start) -> Iterator[Callable[..., triton_grpc.InferenceServerClient]]:
+    """``grpc_client(**settings)``: an unmodified ``tritonclient.grpc`` client of a live server
+    started by ``explicit_server(**settings)`` with gRPC on a port of its own."""
+    clients: list[triton_grpc.InferenceServerClient] = []
+
+    def connect(**settings: Any) -> triton_grpc.InferenceServerClient:
+        port = free_port()
+        explicit_server(grpc_port=port, **settings)
+        clients.append(triton_grpc.InferenceServerClient(f"{HOST}:{port}"))
+        return clients[-1]
+
+    yield connect
+    for client in clients:
+        client.close()
+
+
+def test_the_repository_over_grpc_matches_http(
+    grpc_client: Callable[..., triton_grpc.InferenceServerClient],
+) -> None:
+    client = grpc_client()
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert [(m["name"], m["version"], m["state"]) for m in index] == [
+        ("tiny", "1", "READY"),
+        ("tiny", "2", "READY"),
+        ("tiny", "3", "UNAVAILABLE"),
+    ]
+    assert "sha256 of model.onnx is" in index[2]["reason"]
+    client.unload_model("tiny")
+    assert not client.is_model_ready("tiny", "2")
+    states = [m["state"] for m in client.get_model_repository_index(as_json=True)["models"]]
+    assert states == ["UNAVAILABLE"] * 3
+    error = _error(lambda: client.load_model("tiny"))  # version 3 is still broken
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message().startswith("failed to load 'tiny': version 3: sha256 of model.onnx")
+    assert client.is_model_ready("tiny", "1") and client.is_model_ready("tiny", "2")
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "message"),
+    [
+        pytest.param(
+            lambda c: c.load_model("nope"),
+            "NOT_FOUND",
+            "failed to load 'nope': the models folder has no model 'nope'",
+            id="load-unknown",
+        ),
+        pytest.param(
+            lambda c: c.unload_model("nope"),
+            "NOT_FOUND",
+            "failed to unload 'nope': the models folder has no model 'nope'",
+            id="unload-unknown",
+        ),
+        pytest.param(
+            lambda c: c.load_model("tiny", config='{"max_batch_size": 8}'),
+            "INVALID_ARGUMENT",
+            "load parameter 'config' is not supported",
+            id="config",
+        ),
+    ],
+)
+def test_bad_repository_calls_over_grpc_get_a_clear_error(
+    grpc_client: Callable[..., triton_grpc.InferenceServerClient],
+    call: Callable[[triton_grpc.InferenceServerClient], Any],
+    status: str,
+    message: str,
+) -> None:
+    client = grpc_client()
+    error = _error(lambda: call(client))
+    assert error.status() == f"StatusCode.{status}"
+    assert message in error.message()
+    assert client.is_model_ready("tiny", "2")  # nothing changed
+
+
+def test_grpc_load_needs_explicit_mode_and_a_key(
+    grpc_client: Callable[..., triton_grpc.InferenceServerClient],
+) -> None:
+    client = grpc_client(model_control_mode="poll", api_keys=[KEY])
+    assert _error(client.get_model_repository_index).status() == "StatusCode.UNAUTHENTICATED"
+    error = _error(lambda: client.unload_model("tiny", headers=_grpc_bearer(KEY)))
+    assert error.status() == "StatusCode.UNAVAILABLE"
+    assert "--model-control-mode explicit" in error.message()
+    models = client.get_model_repository_index(headers=_grpc_bearer(KEY), as_json=True)["models"]
+    assert len(models) == 3
+    assert client.is_model_ready("tiny", "2", headers=_grpc_bearer(KEY))
+
+
+def _grpc_bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}  # gRPC metadata keys are lower case
