@@ -174,7 +174,9 @@ def _bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def grpc_client(explicit_server: Start) -> Iterator[Callable[..., triton_grpc.InferenceServerClient]]:
+def grpc_client(
+    explicit_server: Start,
+) -> Iterator[Callable[..., triton_grpc.InferenceServerClient]]:
     """``grpc_client(**settings)``: an unmodified ``tritonclient.grpc`` client of a live server
     started by ``explicit_server(**settings)`` with gRPC on a port of its own."""
     clients: list[triton_grpc.InferenceServerClient] = []
