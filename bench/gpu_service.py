@@ -179,12 +179,14 @@ def measure(loadgen: Any, args: argparse.Namespace) -> tuple[list[Result], list[
 
 @contextlib.contextmanager
 def _server(loadgen: Any, model: Any, port: int, env: dict[str, str], log: Any) -> Any:
-    """The service on ``port``, its output in ``log`` (loadgen's start_server deletes its log)."""
-    command = loadgen.service_command(model, port)
+    """The service on ``port`` (and gRPC on a free port), its output in ``log`` (loadgen's
+    start_server deletes its log)."""
+    grpc_port = loadgen.free_port()
+    command = loadgen.service_command(model, port, grpc_port)
     process = subprocess.Popen(
         command, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
     )
-    server = loadgen.Server(process, port, Path(log.name))
+    server = loadgen.Server(process, port, Path(log.name), grpc_port)
     try:
         loadgen._wait_ready(server, process, Path(log.name), timeout=300.0)
         yield server
