@@ -7,20 +7,22 @@ const KEY_ITEM = "rnnserve.apiKey"; // in sessionStorage: gone when the tab clos
 // works behind a proxy that serves the service under a path prefix.
 const ROOT = new URL("../", document.baseURI);
 
-// What each HTTP status means (docs/service.md, "Errors"), put before the service's message.
+// What each HTTP status means (docs/reference/errors.md), put before the service's message.
 const STATUS_WORDS = {
   0: "The service cannot be reached",
   400: "The service could not read the request",
   401: "API key missing or refused",
   404: "Not found",
+  408: "The request did not arrive in time",
   409: "Not allowed in the session's state",
   413: "Too large",
   422: "The input does not fit the model",
+  429: "This API key holds the most sessions it may",
   500: "The model failed",
   503: "The service is busy or not ready",
 };
 
-// The same for websocket close codes (docs/service.md, "Close codes").
+// The same for websocket close codes (docs/reference/errors.md, service/engine/errors.py).
 const CLOSE_WORDS = {
   1009: "Message too large",
   1011: "Internal error in the service",
@@ -29,6 +31,7 @@ const CLOSE_WORDS = {
   4401: "API key missing or refused",
   4404: "Session or model not found",
   4409: "The session was taken over by another connection",
+  4429: "This API key holds the most sessions it may",
   4503: "The service is busy or not ready",
 };
 
