@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from service.engine.errors import BadRequest
 from service.grpc.proto import grpc_service_pb2 as pb
 from service.grpc.proto import model_config_pb2 as mc
-from service.v2.codec import DATATYPES, InferRequest, InputTensor, RequestedOutput
+from service.v2.codec import DATATYPES, InferRequest, InputTensor, RequestedOutput, check_shape
 from service.v2.infer import InferResult
 
 INT64_MAX = (1 << 63) - 1
@@ -102,9 +102,7 @@ def _decode_input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | No
     dtype = DATATYPES.get(datatype)
     if dtype is None:
         raise BadRequest(f"input {name!r}: unsupported datatype {datatype!r}")
-    shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise BadRequest(f"input {name!r}: 'shape' must be a list of non-negative integers")
+    shape = check_shape(list(tensor.shape), name)
     count = math.prod(shape)
     if raw is None:
         array = _typed_contents(tensor, count)

@@ -94,7 +94,8 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _shape(raw: Any, name: str) -> tuple[int, ...]:
+def check_shape(raw: Any, name: str) -> tuple[int, ...]:
+    """An input's shape as a tuple, or BadRequest (both V2 front ends, HTTP and gRPC)."""
     if not isinstance(raw, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
     ):
@@ -146,7 +147,7 @@ def _decode_input(raw: Any, binary: memoryview, offset: int) -> tuple[InputTenso
     datatype = tensor.get("datatype")
     if datatype not in DATATYPES:
         raise BadRequest(f"input {name!r}: unsupported datatype {datatype!r}")
-    shape = _shape(tensor.get("shape"), name)
+    shape = check_shape(tensor.get("shape"), name)
     count = math.prod(shape)
     params = _object(tensor.get("parameters") or {}, f"input {name!r} 'parameters'")
     size = params.get("binary_data_size")

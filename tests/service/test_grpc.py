@@ -473,6 +473,20 @@ def test_errors_have_a_status_and_https_message(
     assert error.message() == expected.message()
 
 
+@pytest.mark.parametrize("rank", [9, 70])
+def test_a_shape_of_too_many_dimensions_is_refused_as_over_http(
+    endpoints: Endpoints, rank: int
+) -> None:
+    """Past numpy's 64 dimensions a reshape would raise: the shape is checked first."""
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="x", datatype="FP32", shape=[1] * rank)
+    request.raw_input_contents.append(np.zeros(1, "<f4").tobytes())
+    with grpc.insecure_channel(endpoints.grpc) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=WAIT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == f"input 'x': 'shape' has {rank} dimensions; at most 8"
+
+
 @pytest.mark.parametrize(
     ("call", "code", "message"),
     [
