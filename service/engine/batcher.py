@@ -275,7 +275,7 @@ class Batcher:
             self._wakeup.clear()
             await self._wakeup.wait()
         if self._max_delay_s > 0:
-            await self._wait_to_fill(len(candidates))
+            await self._wait_to_fill(sum(chunk.rows for chunk in candidates))
         batch = _Batch(self._max_batch_size)
         for chunk in candidates:
             self._take(chunk, batch)
@@ -292,11 +292,17 @@ class Batcher:
         else:
             self._carry.append(request)  # no room, or its session is in the batch: next one
 
-    async def _wait_to_fill(self, have: int) -> None:
+    async def _wait_to_fill(self, rows: int) -> None:
+        """Wait until ``rows`` plus the queue's rows fill a batch, or the delay is over."""
         assert self._wakeup is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._max_delay_s
-        while have + len(self._queue) < self._max_batch_size:
+        queue, counted = self._queue, 0  # requests only arrive at the right end meanwhile
+        while True:
+            rows += sum(queue[-k].rows for k in range(1, len(queue) - counted + 1))
+            counted = len(queue)
+            if rows >= self._max_batch_size:
+                return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

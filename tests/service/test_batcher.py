@@ -181,6 +181,18 @@ async def test_batch_waits_up_to_the_delay_to_fill(make_batcher: BatcherFactory)
     assert batcher.stats.batches == 1 and batcher.stats.max_batch_size == 4
 
 
+async def test_rows_not_requests_fill_a_batch_before_the_delay(
+    make_batcher: BatcherFactory,
+) -> None:
+    """A bulk request of as many rows as a batch holds runs at once, not after the delay."""
+    batcher = make_batcher(max_batch_size=4, max_delay_s=30.0)
+    slots = np.array([batcher.pool.acquire() for _ in range(4)])
+    bulk = batcher.submit_bulk(np.zeros((4, 1, 2), np.float32), slots)
+    done, _ = await asyncio.wait([bulk], timeout=5.0)  # a StepFuture cannot be cancelled
+    assert done, "the full bulk request waited for the batch delay"
+    assert batcher.stats.batches == 1 and batcher.stats.max_batch_size == 4
+
+
 async def test_zero_delay_runs_without_waiting_for_more(make_batcher: BatcherFactory) -> None:
     batcher = make_batcher(max_batch_size=64, max_delay_s=0.0)
     await asyncio.wait_for(batcher.submit(np.zeros((1, 2), np.float32)), timeout=2.0)
