@@ -247,7 +247,6 @@ class DataPlane:
             for _ in range(EVICTED_RETRIES):
                 if self.store is None:  # no await: the session is in memory or nowhere
                     session = self.sessions.get(session_id, owner)
-                    _check_not_held(session)
                 else:
                     session = await self.find_session(session_id, owner)
                 _check_not_held(session)
@@ -308,12 +307,17 @@ class DataPlane:
             async with session.lock:
                 session.require(*LIVE)
                 await self.refresh(session)
-                if self.store is not None:
-                    await self.save(session, _zero_state(session.model), step_count=0)
-                session.model.pool.reset(session.slot)
+                await self.zero(session)
                 session.step_count = 0
                 self.sessions.mark_used(session)
                 return self._info(session)
+
+    async def zero(self, session: Session) -> None:
+        """Zero the session's state: stored first (durable store), then in its pool slot. The
+        caller holds the session and sets its step count to 0."""
+        if self.store is not None:
+            await self.save(session, _zero_state(session.model), step_count=0)
+        session.model.pool.reset(session.slot)
 
     async def delete(self, session_id: str, owner: str | None) -> None:
         with self.metrics.track("delete"):

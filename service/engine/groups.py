@@ -103,10 +103,6 @@ class StreamGroup:
 
     # -- the handle table ------------------------------------------------------------------------
 
-    @property
-    def held(self) -> int:
-        return len(self._handle_of)
-
     def step_count(self, session: Session) -> int:
         """The held session's step count (``Holder`` protocol)."""
         return int(self._counts[self._handle_of[session.id]])
@@ -150,12 +146,14 @@ class StreamGroup:
         self._models.append(model)
         return len(self._models) - 1
 
-    async def _hold(self, session: Session) -> Opened:
-        """Take ``session`` for this group: its lock, a handle, its step count."""
+    async def _hold(self, session: Session, created: bool = False) -> Opened:
+        """Take ``session`` for this group: its lock, a handle, its step count. A session the
+        group has just ``created`` is as stored: no other replica can know its id yet."""
         session.holder = self  # from now on other paths refuse it; queued ones finish first
         await session.lock.acquire()
         try:
-            await self._plane.refresh(session)  # another replica may have advanced it
+            if not created:
+                await self._plane.refresh(session)  # another replica may have advanced it
             session.require(SessionState.OPEN, SessionState.STREAMING)
         except BaseException:
             session.lock.release()
@@ -216,7 +214,7 @@ class StreamGroup:
             for _ in range(count):
                 info = await self._plane.create_session(name, model.version, self.owner)
                 created.append(self._plane.sessions.get(info.session_id, self.owner))
-            return model, [await self._hold(session) for session in created]
+            return model, [await self._hold(session, created=True) for session in created]
         except BaseException:
             for session in created:
                 await self._discard(session)
@@ -292,10 +290,7 @@ class StreamGroup:
         results: list[ServiceError | None] = []
         for handle in handles:
             try:
-                session = self._held_session(handle)
-                if self._plane.store is not None:
-                    await self._plane.save(session, _zeros(session.model), step_count=0)
-                session.model.pool.reset(session.slot)
+                await self._plane.zero(self._held_session(handle))
                 self._counts[handle] = 0
                 results.append(None)
             except ServiceError as exc:
@@ -501,8 +496,3 @@ def _status_of(error: ServiceError) -> EntryStatus:
     if error.status_code in (404, 409):
         return EntryStatus.SESSION_GONE
     return EntryStatus.FAILED
-
-
-def _zeros(model: ServedModel) -> FloatArray:
-    meta = model.metadata
-    return np.zeros((meta.num_states, meta.num_layers, meta.hidden_size), np.float32)
