@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -35,6 +36,53 @@ class StreamClosed(ClientError):
         self.code = code
 
 
+def websocket_url(url: str, path: str, query: dict[str, str] | None = None) -> str:
+    """The websocket URL of ``path`` on a server given as ws://HOST:PORT or http://HOST:PORT
+    (a URL already ending in ``path`` is kept), with ``query``."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.netloc:
+        raise ClientError(f"invalid server URL {url!r}; expected ws://HOST:PORT")
+    base = parts.path.rstrip("/")
+    if not base.endswith(path):
+        base += path
+    return urlunsplit((scheme, parts.netloc, base, urlencode(query or {}), ""))
+
+
+async def open_websocket(url: str, headers: dict[str, str], **options: Any) -> ClientConnection:
+    """Connect to ``url``; a failure raises ``ConnectionLost`` (retryable) or ``ClientError``.
+    ``options`` go to ``websockets``' ``connect`` (``max_size``, ``compression``, ...)."""
+    try:
+        return await connect(
+            url, additional_headers=headers, open_timeout=10, proxy=None, **options
+        )
+    except InvalidStatus as exc:
+        raise refused(exc) from None
+    except InvalidURI as exc:
+        raise ClientError(f"invalid server URL: {exc}") from None
+    except (OSError, TimeoutError, InvalidHandshake) as exc:
+        raise ConnectionLost(_describe(exc)) from None
+
+
+async def send_message(ws: ClientConnection, data: str | bytes) -> None:
+    """Send one message; a closed connection raises as ``to_client_error`` sorts it."""
+    try:
+        await ws.send(data)
+    except ConnectionClosed as exc:
+        raise to_client_error(exc) from None
+
+
+async def receive_message(ws: ClientConnection, timeout: float) -> str | bytes:
+    """The next message, within ``timeout`` seconds (else ``ConnectionLost``)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await ws.recv()
+    except ConnectionClosed as exc:
+        raise to_client_error(exc) from None
+    except TimeoutError:
+        raise ConnectionLost(f"no reply within {timeout:g} s") from None
+
+
 class StreamConnection:
     """One websocket connection, with every failure sorted into retryable or final."""
 
@@ -45,16 +93,7 @@ class StreamConnection:
         self._ws: ClientConnection | None = None
 
     async def __aenter__(self) -> StreamConnection:
-        try:
-            self._ws = await connect(
-                self.url, additional_headers=self.headers, open_timeout=10, proxy=None
-            )
-        except InvalidStatus as exc:
-            raise refused(exc) from None
-        except InvalidURI as exc:
-            raise ClientError(f"invalid server URL: {exc}") from None
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise ConnectionLost(_describe(exc)) from None
+        self._ws = await open_websocket(self.url, self.headers)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -63,20 +102,11 @@ class StreamConnection:
 
     async def send(self, frame: dict[str, Any]) -> None:
         assert self._ws is not None
-        try:
-            await self._ws.send(json.dumps(frame))
-        except ConnectionClosed as exc:
-            raise to_client_error(exc) from None
+        await send_message(self._ws, json.dumps(frame))
 
     async def receive(self) -> dict[str, Any]:
         assert self._ws is not None
-        try:
-            async with asyncio.timeout(self.reply_timeout):
-                message = await self._ws.recv()
-        except ConnectionClosed as exc:
-            raise to_client_error(exc) from None
-        except TimeoutError:
-            raise ConnectionLost(f"no reply within {self.reply_timeout:g} s") from None
+        message = await receive_message(self._ws, self.reply_timeout)
         try:
             frame = json.loads(message)
         except ValueError:

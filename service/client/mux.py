@@ -20,14 +20,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import numpy.typing as npt
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.asyncio.client import ClientConnection
 
-from service.client.connection import ConnectionLost, refused, to_client_error
+from service.client.connection import (
+    ConnectionLost,
+    open_websocket,
+    receive_message,
+    send_message,
+    websocket_url,
+)
 from service.client.series import ClientError, Row
 from service.client.stream import RetryPolicy
 from service.mux import codec
@@ -53,19 +57,6 @@ class Opened:
     output_size: int = 0
 
 
-def mux_url(url: str, api_key: str | None = None) -> str:
-    """The websocket URL of ``/v1/mux`` on a server given as ws://HOST:PORT or http://HOST:PORT."""
-    parts = urlsplit(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss") or not parts.netloc:
-        raise ClientError(f"invalid server URL {url!r}; expected ws://HOST:PORT")
-    path = parts.path.rstrip("/")
-    if not path.endswith(MUX_PATH):
-        path += MUX_PATH
-    query = urlencode({"token": api_key}) if api_key else ""
-    return urlunsplit((scheme, parts.netloc, path, query, ""))
-
-
 class MuxClient:
     """One ``/v1/mux`` connection; use ``connect`` and ``async with``."""
 
@@ -80,21 +71,8 @@ class MuxClient:
         cls, url: str, api_key: str | None = None, timeout: float = 30.0
     ) -> MuxClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        try:
-            ws = await connect(
-                mux_url(url),
-                additional_headers=headers,
-                open_timeout=10,
-                proxy=None,
-                max_size=None,
-                compression=None,
-            )
-        except InvalidStatus as exc:
-            raise refused(exc) from None
-        except InvalidURI as exc:
-            raise ClientError(f"invalid server URL: {exc}") from None
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionLost(str(exc) or type(exc).__name__) from None
+        url = websocket_url(url, MUX_PATH)
+        ws = await open_websocket(url, headers, max_size=None, compression=None)
         client = cls(ws, {}, timeout)
         client.hello = await client._receive_json()
         return client
@@ -180,19 +158,10 @@ class MuxClient:
         return reply
 
     async def _send(self, data: str | bytes) -> None:
-        try:
-            await self._ws.send(data)
-        except ConnectionClosed as exc:
-            raise to_client_error(exc) from None
+        await send_message(self._ws, data)
 
     async def _receive(self) -> str | bytes:
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await self._ws.recv()
-        except ConnectionClosed as exc:
-            raise to_client_error(exc) from None
-        except TimeoutError:
-            raise ConnectionLost(f"no reply within {self.timeout:g} s") from None
+        return await receive_message(self._ws, self.timeout)
 
     async def _receive_json(self) -> dict[str, Any]:
         message = await self._receive()

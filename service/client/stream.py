@@ -18,13 +18,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from service.client.connection import (
     SESSION_NOT_FOUND,
     ConnectionLost,
     StreamClosed,
     StreamConnection,
+    websocket_url,
 )
 from service.client.series import ClientError, Row
 
@@ -49,13 +49,6 @@ class StreamTarget:
 
     def stream_url(self, session_id: str | None) -> str:
         """The websocket URL that opens the session, or resumes ``session_id`` when given."""
-        parts = urlsplit(self.url)
-        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-        if scheme not in ("ws", "wss") or not parts.netloc:
-            raise ClientError(f"invalid server URL {self.url!r}; expected ws://HOST:PORT")
-        path = parts.path.rstrip("/")
-        if not path.endswith(STREAM_PATH):
-            path += STREAM_PATH
         query: dict[str, str] = {}
         if session_id is not None:
             query["session_id"] = session_id
@@ -63,7 +56,7 @@ class StreamTarget:
             query["model"] = str(self.model)
             if self.version is not None:
                 query["version"] = str(self.version)
-        return urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
+        return websocket_url(self.url, STREAM_PATH, query)
 
 
 @dataclass(frozen=True)
