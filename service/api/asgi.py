@@ -30,6 +30,12 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return found
 
 
+def header_text(scope: Scope, name: bytes) -> str | None:
+    """``header`` as text (latin-1, as HTTP headers are)."""
+    value = header(scope, name)
+    return None if value is None else value.decode("latin-1")
+
+
 async def read_body(receive: Receive, scope: Scope, limit: int, timeout_s: float) -> bytes:
     """The whole request body, at most ``limit`` bytes, within ``timeout_s`` seconds.
 
@@ -86,8 +92,9 @@ async def send_response(
 
 async def send_error(send: Send, error: ServiceError, body: bytes) -> None:
     """Answer ``error`` with its status, its JSON ``body`` and its headers (Retry-After...)."""
-    await send_response(send, error.status_code, body, [JSON_TYPE, *_encoded(error.headers)])
+    await send_response(send, error.status_code, body, [JSON_TYPE, *encoded_headers(error.headers)])
 
 
-def _encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+def encoded_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Response headers as ASGI sends them: lower-case names, bytes."""
     return [(name.lower().encode(), value.encode()) for name, value in headers.items()]

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from service.api.responses import error_response
-from service.engine.errors import ServiceError
+from service.engine.errors import ServiceError, internal_error
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _describe(error: dict[str, Any]) -> str:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    response: Response = error_response(500, f"internal error: {type(exc).__name__}")
+    response: Response = error_response(500, internal_error(exc))
     return response
 
 

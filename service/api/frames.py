@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from service.api.auth import identify
 from service.api.responses import dumps, loads
-from service.engine.errors import BadRequest, InvalidInput
+from service.engine.errors import BadRequest, InvalidInput, internal_error
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ async def serve_frames(receive: Receive, send: Send, answer: Answer) -> None:
             reply = await answer(message)
         except Exception as exc:
             logger.exception("unhandled error answering a websocket frame")
-            reply = close_message(1011, f"internal error: {type(exc).__name__}")
+            reply = close_message(1011, internal_error(exc))
         try:
             await send(reply)
         except OSError:  # the client left meanwhile (Starlette's WebSocket says 1006)

@@ -18,10 +18,18 @@ from typing import Any
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
-from service.api.asgi import JSON_TYPE, ClientGone, header, read_body, send_error, send_response
+from service.api.asgi import (
+    JSON_TYPE,
+    ClientGone,
+    encoded_headers,
+    header_text,
+    read_body,
+    send_error,
+    send_response,
+)
 from service.api.auth import identify
 from service.api.responses import dumps, loads
-from service.engine.errors import BadRequest, InvalidInput, ServiceError
+from service.engine.errors import BadRequest, InvalidInput, ServiceError, internal_error
 from service.v2.codec import decode_request
 from service.v2.routes import decompress, infer_response
 
@@ -73,7 +81,7 @@ class HotPaths:
             return
         except Exception as exc:
             logger.exception("unhandled error on a per-step request")
-            body = dumps({"error": f"internal error: {type(exc).__name__}"})
+            body = dumps({"error": internal_error(exc)})
             await send_response(send, 500, body, JSON_HEADERS)
             return
         await send_response(send, status, body, headers=headers)
@@ -82,8 +90,7 @@ class HotPaths:
         keys: list[str] = self._state.settings.api_keys
         if not keys:
             return None
-        authorization = header(scope, b"authorization")
-        return identify(keys, None if authorization is None else authorization.decode("latin-1"))
+        return identify(keys, header_text(scope, b"authorization"))
 
     async def _body(self, scope: Scope, receive: Receive) -> bytes:
         settings = self._state.settings
@@ -103,16 +110,14 @@ class HotPaths:
     ) -> Answer:
         caller = self._caller(scope)
         body = await self._body(scope, receive)
-        encoding = header(scope, b"content-encoding")
         limit = self._state.settings.max_request_bytes
-        body = decompress(body, None if encoding is None else encoding.decode("latin-1"), limit)
-        length = header(scope, b"inference-header-content-length")
-        request = decode_request(body, None if length is None else length.decode("latin-1"))
+        body = decompress(body, header_text(scope, b"content-encoding"), limit)
+        request = decode_request(body, header_text(scope, b"inference-header-content-length"))
         state = self._state
         content, headers = await infer_response(
             state.dataplane, state.v2_sequences, name, version, request, caller
         )
-        return 200, content, [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        return 200, content, encoded_headers(headers)
 
 
 def _infer_target(middle: str) -> tuple[str, int | None] | None:

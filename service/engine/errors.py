@@ -27,6 +27,11 @@ CLOSE_CODES: dict[int, str] = {
 }
 
 
+def internal_error(exc: BaseException) -> str:
+    """What a client is told of a bug: the exception's type, never its text or traceback."""
+    return f"internal error: {type(exc).__name__}"
+
+
 class ServiceError(Exception):
     """Base of every error the service reports to a client."""
 

@@ -35,7 +35,6 @@ class GrpcPortUnavailable(RuntimeError):
 class GrpcServer:
     server: Any  # grpc.aio.Server
     servicer: InferenceServicer
-    address: str
 
 
 def address(host: str, port: int) -> str:
@@ -76,7 +75,7 @@ async def start(app: FastAPI, settings: Settings) -> GrpcServer | None:
         return None
     await server.start()
     logger.info("serving KServe V2 gRPC on %s", where)
-    return GrpcServer(server, servicer, where)
+    return GrpcServer(server, servicer)
 
 
 async def stop(grpc_server: GrpcServer | None, grace_s: float) -> None:

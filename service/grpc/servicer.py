@@ -18,7 +18,7 @@ import grpc
 
 from service.api.auth import identify
 from service.engine.dataplane import DataPlane
-from service.engine.errors import NotFound, NotReady, ServiceError
+from service.engine.errors import NotFound, NotReady, ServiceError, internal_error
 from service.engine.manager import ModelManager
 from service.grpc import codec
 from service.grpc.proto import grpc_service_pb2 as pb
@@ -40,10 +40,6 @@ Rpc = Callable[[Any, Request, Any], Coroutine[Any, Any, Response]]
 
 ModelRequest = pb.ModelReadyRequest | pb.ModelMetadataRequest | pb.ModelConfigRequest
 SHUTTING_DOWN = "the server is shutting down; open a new stream (to another replica) and resume"
-
-
-def internal_error(exc: Exception) -> str:
-    return f"internal error: {type(exc).__name__}"
 
 
 async def abort(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -99,7 +99,7 @@ class _Mux:
             request_id = frame.get("request_id")
             reply = await self._control(frame)
         except ServiceError as exc:
-            reply = {"op": "error", "error": exc.message, **exc.details}
+            reply = {"op": "error", **exc.body()}
         if request_id is not None:
             reply["request_id"] = request_id
         return text_message(reply)
