@@ -16,17 +16,16 @@ the service reports ``batch_run_ms`` in ``/v1/stats``, the time of one model cal
 footer times the model call alone (``DevicePool.step`` at batch 1, with and without CUDA graphs).
 Exits 1 if the provider is wrong, the log has errors, or any step failed or differed.
 
-The GPU machine lent to this project reaches no package registry: ``--prepare-wheels DIR`` (run
-here) downloads the serving wheels for CPython 3.12 on manylinux x86-64 (no numpy, onnx or
+For a GPU machine without a package index: ``--prepare-wheels DIR`` (run where PyPI is
+reachable) downloads the serving wheels for CPython 3.12 on manylinux x86-64 (no numpy, onnx or
 onnxruntime, which that machine has or gets apart); there, ``--wheels DIR`` installs them into
-``--site`` and puts that on the path of this script and of the service.
+``--site`` and puts that on the path of this script and of the service (docs/how-to/gpu.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import os
 import platform
 import re
@@ -45,8 +44,8 @@ CANDIDATE_MODES = ("ws", "http", "mux", "v2", "grpc")
 # Lines of the service's log that mean something went wrong (ONNX Runtime's own errors are
 # "[E:onnxruntime:..." in red; Python's logging writes " ERROR ").
 ERROR_LINE = re.compile(r"\[E:onnxruntime| ERROR |Traceback|Failed to create CUDAExecutionProvider")
-# Serving packages the GPU machine lacks (it has numpy, onnx with protobuf, and onnxruntime-gpu
-# arrives apart, see ../shared/gpu/README.md).
+# Serving packages a GPU machine without a package index is expected to have already (numpy, onnx
+# with protobuf) or to get apart (onnxruntime-gpu, see docs/how-to/gpu.md).
 CARRIED_EXCLUDE = {"numpy", "onnx", "protobuf"}
 
 
@@ -104,32 +103,17 @@ class Result:
     row: Any  # loadgen.Row: mode, sessions, steps/s, latency, errors, mismatches, CPU, batch
     batch_run_ms: str  # p50/p99 of one model call per batch, from /v1/stats, or "n/a"
 
-    @property
-    def server_cpu_us(self) -> float:
-        """The server's CPU time per answered step, in microseconds."""
-        row = self.row
-        return row.server_cpu / row.steps_per_s * 1e6 if row.steps_per_s else float("nan")
-
 
 def available_modes(loadgen: Any) -> list[str]:
-    """The modes the load generator offers (it refuses the others at argument parsing)."""
-    found = []
-    for mode in CANDIDATE_MODES:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
-            loadgen.parse_args(["--models-dir", str(ROOT / "models"), "--modes", mode])
-            found.append(mode)
-    return found
+    """The modes the load generator offers, in this script's order."""
+    return [mode for mode in CANDIDATE_MODES if mode in loadgen.MODES]
 
 
-def service_env(args: argparse.Namespace, max_sessions: int) -> dict[str, str]:
-    providers = "CUDAExecutionProvider,CPUExecutionProvider" if args.provider == "cuda" else ""
-    env = {
-        "RNNSERVE_PROVIDERS": providers or "CPUExecutionProvider",
-        "RNNSERVE_STATE_POOL": "device",
-        "RNNSERVE_LOG_LEVEL": "info",
-        "RNNSERVE_MAX_SESSIONS": str(max_sessions),
-        "RNNSERVE_IDLE_TTL_S": "0",
-    }
+def service_env(loadgen: Any, args: argparse.Namespace, max_sessions: int) -> dict[str, str]:
+    """loadgen's service environment (batching on), with the device pool and info logging (the
+    log is searched for CUDA notes and errors), then ``--server-env``."""
+    env = loadgen.service_env(True, args.provider == "cuda", max_sessions)
+    env |= {"RNNSERVE_STATE_POOL": "device", "RNNSERVE_LOG_LEVEL": "info"}
     return env | dict(item.split("=", 1) for item in args.server_env)
 
 
@@ -155,7 +139,7 @@ def measure(loadgen: Any, args: argparse.Namespace) -> tuple[list[Result], list[
     max_sessions = sum(load_args.sessions) * len(load_args.modes) + 1000
     results, problems = [], []
     with tempfile.NamedTemporaryFile("w+", prefix="gpu-service-", suffix=".log") as log:
-        env = service_env(args, max_sessions)
+        env = service_env(loadgen, args, max_sessions)
         with _server(loadgen, model, port, env, log) as server:
             provider = loadgen.provider_in_use(server)
             if provider != PROVIDERS[args.provider]:
@@ -245,7 +229,7 @@ def table(results: list[Result]) -> str:
         r = result.row
         lines.append(
             f"{r.mode:<6}{r.sessions:>9}{r.steps_per_s:>13,.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}"
-            f"{r.errors:>8}{r.mismatches:>10}{r.steps:>11,}{result.server_cpu_us:>17.1f}"
+            f"{r.errors:>8}{r.mismatches:>10}{r.steps:>11,}{r.server_us_per_step:>17.1f}"
             f"{r.mean_batch:>8.1f}{result.batch_run_ms:>22}"
         )
     return "\n".join(lines)
