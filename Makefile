@@ -12,8 +12,6 @@ PORT ?= 8000
 COMMA := ,
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 SERVE_EXTRAS := $(if $(filter gpu,$(GPU)),serve$(COMMA)cuda,serve)
-.PHONY: venv serve test lint system-packages clean default-model grpc-stubs
-
 .PHONY: venv serve-venv serve test lint docs system-packages clean default-model screenshot grpc-stubs
 
 $(BIN)/.serve-$(GPU): pyproject.toml

@@ -49,6 +49,7 @@ import onnxruntime as ort
 import orjson
 from websockets.asyncio.client import connect
 
+from service.engine.runtime import session_options
 from service.grpc.proto import grpc_service_pb2 as pb
 from service.grpc.proto import grpc_service_pb2_grpc as pb_grpc
 from training import timing
@@ -854,9 +855,7 @@ def measure(target: str, server: Server, model: Model, args: argparse.Namespace)
 def bare_call_line(model: Model, batch: int) -> str:
     """One step of ``batch`` sessions as a single ONNX Runtime call, as the service configures
     its sessions: the physical limit of a mux frame on this machine."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = session_options(0, on_cpu=True)
     runner = ort.InferenceSession(str(model.onnx_path), options, ["CPUExecutionProvider"])
     m = model.metadata
     feeds = {

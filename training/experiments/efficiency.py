@@ -36,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from training import timing
 from training.cells import CELLS
-from training.experiments.budget import hidden_for_budget
+from training.experiments.budget import matched_sizes
 from training.experiments.options import StudyOptions
 from training.experiments.plots import BarPanel, bar_figure
 from training.experiments.report import Report, Table, check_finite
@@ -331,7 +331,7 @@ def run(options: StudyOptions) -> Report:
     budget = CELLS[REFERENCE_CELL].parameter_count(INPUT_SIZE, plan.hidden_size)
     sizes = {
         "equal hidden": {cell: plan.hidden_size for cell in CELLS},
-        "equal parameters": {cell: hidden_for_budget(cell, INPUT_SIZE, budget) for cell in CELLS},
+        "equal parameters": matched_sizes(INPUT_SIZE, REFERENCE_CELL, plan.hidden_size),
     }
     results = measure_all(sizes, plan, options.seeds)
     _figure(options.out / "efficiency.png", results)

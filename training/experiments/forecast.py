@@ -317,8 +317,9 @@ def best_baseline(candidates: list[Baseline]) -> Baseline:
     return min(candidates, key=lambda b: b.validation_rmse)
 
 
-def _series_table(name: str, series: SeriesPlan, runs: dict[str, list[Summary]]) -> Table:
-    candidates = baselines(_series_task(name), series.seasons)
+def _series_table(
+    series: SeriesPlan, candidates: list[Baseline], runs: dict[str, list[Summary]]
+) -> Table:
     best = best_baseline(candidates)
     rows = [_baseline_row(b, best) for b in candidates]
     rows += [_cell_row(cell, cell_runs, best) for cell, cell_runs in runs.items()]
@@ -379,11 +380,13 @@ def _figure(path: Path, results: Results, best: dict[str, Baseline]) -> None:
 def run(options: StudyOptions) -> Report:
     plan = TINY if options.tiny else FULL
     results = train_all(plan, options)
-    tables = [_series_table(name, series, results[name]) for name, series in SERIES.items()]
-    best = {
-        name: best_baseline(baselines(_series_task(name), series.seasons))
-        for name, series in SERIES.items()
+    candidates = {
+        name: baselines(_series_task(name), series.seasons) for name, series in SERIES.items()
     }
+    tables = [
+        _series_table(series, candidates[name], results[name]) for name, series in SERIES.items()
+    ]
+    best = {name: best_baseline(found) for name, found in candidates.items()}
     _figure(options.out / "forecast.png", results, best)
     tables.append(
         Table(

@@ -19,14 +19,7 @@ import onnxruntime as ort
 import torch
 
 from training import timing
-
-
-def spread(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample std (0 for one value) of the values over seeds."""
-    if not values:
-        raise ValueError("spread needs at least one value")
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.fmean(values), std
+from training.experiments.stats import decimals_for
 
 
 def mean_std(values: Sequence[float], digits: int = 3) -> str:
@@ -34,9 +27,11 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
 
     The mean keeps ``digits`` significant digits and the std is rounded to the same decimal place.
     """
-    mean, std = spread(values)
-    magnitude = math.floor(math.log10(abs(mean))) if mean else 0
-    decimals = max(0, digits - 1 - magnitude)
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    decimals = decimals_for(mean, digits)
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
