@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -121,18 +122,23 @@ def export_synthetic(spec: str, out: Path) -> Model:
 # ----------------------------------------------------------------------------- inputs & reference
 
 
-def session_inputs(seed: int, input_size: int) -> Iterator[np.ndarray]:
-    """The endless, reproducible input rows of one session."""
+def session_blocks(seed: int, input_size: int) -> Iterator[np.ndarray]:
+    """The endless, reproducible inputs of one session, ``BLOCK`` rows (BLOCK, n) at a time: the
+    one source of every mode's inputs and of the reference's."""
     rng = np.random.default_rng(seed)
     while True:
-        yield from rng.standard_normal((BLOCK, input_size), dtype=np.float32)
+        yield rng.standard_normal((BLOCK, input_size), dtype=np.float32)
+
+
+def session_inputs(seed: int, input_size: int) -> Iterator[np.ndarray]:
+    """The input rows of one session, one at a time."""
+    for block in session_blocks(seed, input_size):
+        yield from block
 
 
 def first_rows(seed: int, input_size: int, count: int) -> np.ndarray:
-    """The first ``count`` rows ``session_inputs`` yields, drawn a block at a time."""
-    rng = np.random.default_rng(seed)
-    blocks = -(-count // BLOCK)
-    drawn = [rng.standard_normal((BLOCK, input_size), dtype=np.float32) for _ in range(blocks)]
+    """The first ``count`` rows ``session_inputs`` yields."""
+    drawn = list(itertools.islice(session_blocks(seed, input_size), -(-count // BLOCK)))
     return np.concatenate(drawn or [np.zeros((0, input_size), np.float32)])[:count]
 
 
@@ -326,7 +332,7 @@ async def run_mux_group(
     from service.client.mux import MuxClient
 
     k = len(runs)
-    rngs = [np.random.default_rng(run.seed) for run in runs]
+    blocks = [session_blocks(run.seed, input_size) for run in runs]
     frames: list[np.ndarray] = []  # (K, o) outputs per frame
     latencies, replied = array("d"), array("d")
     try:
@@ -338,10 +344,8 @@ async def run_mux_group(
             block = np.zeros((k, 0, input_size), np.float32)
             while clock.running():
                 t = len(frames) % BLOCK
-                if t == 0:  # the next BLOCK rows of every session, as session_inputs draws them
-                    block = np.stack(
-                        [r.standard_normal((BLOCK, input_size), np.float32) for r in rngs]
-                    )
+                if t == 0:  # the next BLOCK rows of every session
+                    block = np.stack([next(rows) for rows in blocks])
                 sent = time.perf_counter()
                 reply = await mux.step(handles, block[:, t : t + 1])
                 now = time.perf_counter()
