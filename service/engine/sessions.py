@@ -159,17 +159,16 @@ class SessionManager:
 
         With a durable store the key's least recently used idle session leaves memory first.
         """
-        if owner is None or not self.max_per_key or self._per_key[owner] < self.max_per_key:
+        if owner is None or not self.max_per_key:
             return
-        self.expire_idle()
-        if self.durable:
-            for session in list(self._sessions.values()):  # least recently used first
-                if self._per_key[owner] < self.max_per_key:
-                    return
-                if session.owner == owner and _evictable(session):
-                    self._end(session, SessionState.EVICTED, "capacity")
-        if self._per_key[owner] >= self.max_per_key:
-            raise SessionQuotaReached(self.max_per_key)
+
+        def full() -> bool:
+            return self._per_key[owner] >= self.max_per_key
+
+        if full():
+            self._free_up(full, owner)
+            if full():
+                raise SessionQuotaReached(self.max_per_key)
 
     def lookup(self, session_id: str) -> Session | None:
         """The cached live session ``session_id`` whoever owns it, None if not here (durable)."""
@@ -189,17 +188,25 @@ class SessionManager:
         return SessionState.EVICTED if self.durable else SessionState.EXPIRED
 
     def _make_room(self) -> None:
-        if len(self._sessions) < self.max_sessions:
-            return
+        def full() -> bool:
+            return len(self._sessions) >= self.max_sessions
+
+        if full():
+            self._free_up(full)
+            if full():
+                raise SessionLimitReached(self.max_sessions)
+
+    def _free_up(self, full: Callable[[], bool], owner: str | None = None) -> None:
+        """End idle sessions past their TTL; then, with a durable store, drop least recently used
+        idle sessions (of ``owner`` only, when given) from memory while ``full()``."""
         self.expire_idle()
-        if self.durable:
-            for session in list(self._sessions.values()):  # least recently used first
-                if len(self._sessions) < self.max_sessions:
-                    break
-                if _evictable(session):
-                    self._end(session, SessionState.EVICTED, "capacity")
-        if len(self._sessions) >= self.max_sessions:
-            raise SessionLimitReached(self.max_sessions)
+        if not self.durable:
+            return
+        for session in list(self._sessions.values()):  # least recently used first
+            if not full():
+                return
+            if (owner is None or session.owner == owner) and _evictable(session):
+                self._end(session, SessionState.EVICTED, "capacity")
 
     def get(self, session_id: str, owner: str | None) -> Session:
         """The live session ``session_id`` of ``owner``; 404 for anyone else's."""
